@@ -1,0 +1,24 @@
+# `make run` starts the default model; `make test` runs the suite. Both set up .venv on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  ?= smollm2-135m-instruct
+QUANT  ?= fp8
+
+.PHONY: run test chat bench clean
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m engine chat --model $(MODEL) --quantization $(QUANT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+bench: $(STAMP)
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

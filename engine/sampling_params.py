@@ -1,0 +1,85 @@
+"""Per-request sampling options, with vLLM's names and the ranges of the served API (seed-api.txt)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_SEED_LIMIT = 2**63
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick the next tokens of one request.
+
+    The order in which the sampler applies these is written down in `engine/sampler.py`.
+    `logprobs` are computed from the model's raw logits (before penalties, temperature and
+    truncation), the same convention as vLLM.
+    """
+
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_k: int = 0  # 0 (or -1, vLLM's spelling) = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None = up to the context length
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # number of alternatives besides the sampled token, 0-20
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Derived in __post_init__.
+    stop_strings: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        if self.top_k == -1:
+            self.top_k = 0
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 1000:
+            raise ValueError(f"top_k must be an integer in [0, 1000) (0 = off), got {self.top_k!r}")
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.01, 5.0)
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < _SEED_LIMIT):
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or not 0 <= self.max_tokens <= 1_000_000):
+            raise ValueError(f"max_tokens must be an integer in [0, 1000000], got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
+                raise ValueError(f"{name} must be an integer in [0, 20], got {value!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop_strings = [s for s in (self.stop or []) if s]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if self.logit_bias:
+            for token, bias in self.logit_bias.items():
+                _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
