@@ -1,0 +1,306 @@
+"""Read Llama GGUF files (llama.cpp's format) as an HF config dict and HF-named fp tensors.
+
+`gguf_hf_config(path)` builds the `config.json` equivalent from GGUF metadata;
+`iter_gguf_tensors(path)` yields `(hf_name, tensor)` one tensor at a time, dequantized and with
+llama.cpp's rotary row permutation of q_proj/k_proj undone, so the rest of the engine sees exactly
+what an HF checkpoint holds.
+
+Rope scaling: llama.cpp stores linear scaling as `llama.rope.scaling.{type,factor}`, but Llama 3's
+scaling as a `rope_freqs.weight` tensor of per-frequency divisors (convert_hf_to_gguf computes it from
+factor, low/high_freq_factor and original_max_position_embeddings). We recover those four parameters
+from the tensor (see `_llama3_rope_scaling`) and check that they reproduce it; `rope_freqs.weight`
+itself is not yielded as a weight.
+"""
+
+import functools
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, quants
+from tqdm import tqdm
+
+GGUF_MAGIC = b"GGUF"
+ROPE_FREQS = "rope_freqs.weight"
+
+# GGUF tensor name -> HF name (per layer: "blk.{i}." -> "model.layers.{i}.")
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is missing, malformed or describes something this engine does not run."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening and metadata
+# --------------------------------------------------------------------------------------------------
+
+
+def _open(path: str | os.PathLike) -> GGUFReader:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise GGUFError(f"GGUF file not found: {path!r}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path!r} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    stat = os.stat(path)
+    return _cached_reader(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFReader:
+    # GGUFReader parses every metadata field up front, the tokenizer's ~100k strings included
+    # (~1.7 s for SmolLM2), so config + tensors share one reader; mtime/size key out stale files.
+    # Mode "c" maps the file copy-on-write: arrays are writable (torch.from_numpy wants that)
+    # while the file itself can never be modified.
+    try:
+        return GGUFReader(path, "c")
+    except (ValueError, OSError, IndexError) as e:
+        raise GGUFError(f"{path!r} is not a valid GGUF file: {e}") from e
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """The value of metadata `key` as a Python scalar, str or list; `default` when absent."""
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _require(reader: GGUFReader, key: str) -> Any:
+    value = _field(reader, key)
+    if value is None:
+        raise GGUFError(f"GGUF metadata is missing required key {key!r}")
+    return value
+
+
+def _uniform(value: Any, key: str) -> Any:
+    # Some GGUFs store per-layer arrays (e.g. feed_forward_length); a Llama needs one value.
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise GGUFError(f"{key} varies per layer ({value}); only uniform Llama layers are supported")
+        return value[0]
+    return value
+
+
+def _check_architecture(reader: GGUFReader, path: str | os.PathLike) -> None:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise GGUFError(
+            f"unsupported GGUF architecture {arch!r} in {os.fspath(path)!r}: only 'llama' is supported"
+        )
+
+
+def gguf_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The HF `config.json` equivalent of a Llama GGUF file, built from its metadata."""
+    reader = _open(path)
+    _check_architecture(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{os.fspath(path)!r} has no token_embd.weight tensor")
+
+    hidden = int(_require(reader, "llama.embedding_length"))
+    n_head = int(_uniform(_require(reader, "llama.attention.head_count"), "llama.attention.head_count"))
+    n_kv = int(_uniform(_field(reader, "llama.attention.head_count_kv", n_head), "llama.attention.head_count_kv"))
+    head_dim = int(_field(reader, "llama.attention.key_length", hidden // n_head))
+    rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise GGUFError(f"llama.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary is unsupported")
+    value_dim = int(_field(reader, "llama.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise GGUFError(f"llama.attention.value_length={value_dim} != key_length={head_dim}: unsupported")
+    # token_embd is stored [hidden, vocab] in GGUF's (reversed) shape order
+    vocab = int(_field(reader, "llama.vocab_size", int(tensors["token_embd.weight"].shape[-1])))
+    rope_theta = float(_field(reader, "llama.rope.freq_base", 10000.0))
+
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(_uniform(_require(reader, "llama.feed_forward_length"), "llama.feed_forward_length")),
+        "num_hidden_layers": int(_require(reader, "llama.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(reader, tensors, rope_theta, head_dim),
+        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _eos_token_ids(reader),
+    }
+
+
+def _eos_token_ids(reader: GGUFReader) -> int | list[int] | None:
+    # GGUF has one eos id plus optional end-of-turn / end-of-message ids (Llama 3's <|eot_id|> and
+    # <|eom_id|>); HF lists them all in eos_token_id. One id stays an int, as in most config.json files.
+    ids: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        value = _field(reader, key)
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
+def _rope_scaling(reader: GGUFReader, tensors: dict, rope_theta: float, head_dim: int) -> dict | None:
+    kind = _field(reader, "llama.rope.scaling.type")
+    factor = _field(reader, "llama.rope.scaling.factor")
+    if kind is None and _field(reader, "llama.rope.scale_linear") is not None:
+        kind, factor = "linear", _field(reader, "llama.rope.scale_linear")  # pre-2024 key
+    if ROPE_FREQS in tensors:
+        if kind not in (None, "none"):
+            raise GGUFError(f"GGUF has both {ROPE_FREQS} and llama.rope.scaling.type={kind!r}")
+        freqs = dequantize(tensors[ROPE_FREQS].data, tensors[ROPE_FREQS].tensor_type).reshape(-1).to(torch.float64)
+        return _llama3_rope_scaling(freqs, rope_theta, head_dim, reader)
+    if kind in (None, "none") or (kind == "linear" and float(factor) == 1.0):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise GGUFError(f"unsupported rope scaling llama.rope.scaling.type={kind!r} (supported: none, linear, llama3)")
+
+
+def _llama3_rope_scaling(freq_divisors: torch.Tensor, rope_theta: float, head_dim: int, reader) -> dict | None:
+    """Recover HF's llama3 rope_scaling dict from llama.cpp's `rope_freqs` divisors.
+
+    convert_hf_to_gguf computes, for each inverse frequency f with wavelength w = 2*pi/f:
+    1 if w < L/high, `factor` if w > L/low, else 1 / ((1 - s)/factor + s) with s = (L/w - low)/(high - low),
+    where L = original_max_position_embeddings. So `factor` is the largest divisor, and in the smooth band
+    s is linear in 1/w: s = a/w - b with a = L/(high - low), b = low/(high - low). (L, low, high) scaled
+    together give the same divisors, so L is taken from the metadata (or Llama 3's 8192) and low/high
+    follow from a and b. The result is checked against the stored divisors.
+    """
+    if freq_divisors.numel() != head_dim // 2:
+        raise GGUFError(f"{ROPE_FREQS} has {freq_divisors.numel()} entries, expected head_dim/2 = {head_dim // 2}")
+    if torch.allclose(freq_divisors, torch.ones_like(freq_divisors)):
+        return None
+    factor = float(freq_divisors.max())
+    inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_wavelen = inv_freq / (2 * math.pi)
+    smooth = (1 / freq_divisors - 1 / factor) / (1 - 1 / factor)
+    band = (freq_divisors > 1 + 1e-4) & (freq_divisors < factor * (1 - 1e-4))
+    if int(band.sum()) < 2:
+        raise GGUFError(f"cannot recover llama3 rope scaling from {ROPE_FREQS}: fewer than 2 smoothed frequencies")
+    # least squares for s = a * (1/w) - b over the smooth band
+    A = torch.stack([inv_wavelen[band], -torch.ones_like(inv_wavelen[band])], dim=1)
+    a, b = torch.linalg.lstsq(A, smooth[band].unsqueeze(1)).solution.flatten().tolist()
+    original = int(_field(reader, "llama.rope.scaling.original_context_length", 8192))
+    low = b * original / a
+    high = low + original / a
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": round(low, 6),
+        "high_freq_factor": round(high, 6),
+        "original_max_position_embeddings": original,
+    }
+    rebuilt = llama3_rope_freq_divisors(scaling, rope_theta, head_dim)
+    if not torch.allclose(rebuilt, freq_divisors, rtol=1e-4, atol=0):
+        raise GGUFError(f"{ROPE_FREQS} does not match llama3 rope scaling (best fit {scaling})")
+    return scaling
+
+
+def llama3_rope_freq_divisors(scaling: dict, rope_theta: float, head_dim: int) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` tensor for an HF llama3 rope_scaling dict (as convert_hf_to_gguf writes it)."""
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    original = scaling.get("original_max_position_embeddings", 8192)
+    inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    divisors = 1 / ((1 - smooth) / factor + smooth)
+    divisors = torch.where(wavelen < original / high, torch.ones_like(wavelen), divisors)
+    return torch.where(wavelen > original / low, torch.full_like(wavelen, factor), divisors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dequantization
+# --------------------------------------------------------------------------------------------------
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Raw GGUF tensor data -> flat fp32 tensor (raises NotImplementedError for unknown types)."""
+    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(data, qtype), dtype=np.float32)).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------------
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    prefix, _, rest = gguf_name.partition(".")
+    layer, _, suffix = rest.partition(".")
+    if prefix == "blk" and layer.isdigit() and suffix in _LAYER_NAMES:
+        return f"model.layers.{layer}.{_LAYER_NAMES[suffix]}"
+    raise GGUFError(f"unexpected tensor {gguf_name!r} in a llama GGUF (biases and extra tensors are unsupported)")
+
+
+def unpermute_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's `permute` of q_proj/k_proj rows.
+
+    HF's rotary pairs dimension i with i + head_dim/2 (rotate_half); llama.cpp pairs adjacent
+    dimensions (2i, 2i+1), so the converter interleaves each head's two halves. Reverse it:
+    per head, rows [h0_0, h1_0, h0_1, h1_1, ...] -> [h0_0, h0_1, ..., h1_0, h1_1, ...].
+    """
+    out, inp = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+@torch.inference_mode()
+def iter_gguf_tensors(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, tensor)` for every weight of a Llama GGUF, one at a time, in file order.
+
+    Tensors have HF checkpoint shapes ([out, in] for linears) and `dtype`; `lm_head.weight` only
+    appears when the file has `output.weight` (otherwise embeddings are tied).
+    """
+    reader = _open(path)
+    _check_architecture(reader, path)
+    n_head = int(_uniform(_require(reader, "llama.attention.head_count"), "llama.attention.head_count"))
+    n_kv = int(_uniform(_field(reader, "llama.attention.head_count_kv", n_head), "llama.attention.head_count_kv"))
+
+    tensors = [t for t in reader.tensors if t.name != ROPE_FREQS]  # rope_freqs is config, see module doc
+    for t in tqdm(tensors, desc=f"Loading {os.path.basename(os.fspath(path))}", unit="tensor", disable=not progress):
+        hf_name = _hf_name(t.name)
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise GGUFError(f"tensor {t.name!r} has unsupported GGUF tensor type {_type_name(t.tensor_type)}") from e
+        # GGUF lists dimensions innermost first: reversed, they are the HF shape
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if hf_name.endswith("q_proj.weight"):
+            w = unpermute_rotary_rows(w, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            w = unpermute_rotary_rows(w, n_kv)
+        yield hf_name, w.to(dtype)
+
+
+def _type_name(qtype: int) -> str:
+    try:
+        return GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"#{int(qtype)}"
