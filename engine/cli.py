@@ -1,0 +1,129 @@
+"""The `fp8-turbo` command line (also `python -m engine`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from engine.linear import QUANT_SCHEMES
+from engine.loader import DEFAULT_MODEL
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, HF checkpoint dir or .gguf file (default {DEFAULT_MODEL})")
+    p.add_argument("--quantization", default="fp8", choices=QUANT_SCHEMES, help="weight/activation scheme (default fp8)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+
+
+def _make_llm(args):
+    from engine.llm import LLM
+
+    return LLM(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
+               max_model_len=args.max_model_len, seed=args.seed)
+
+
+def _params(args):
+    from engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens)
+
+
+def cmd_generate(args) -> int:
+    llm = _make_llm(args)
+    t0 = time.perf_counter()
+    out = llm.generate([args.prompt], _params(args))[0]
+    dt = time.perf_counter() - t0
+    print(out.outputs[0].text)
+    n = len(out.outputs[0].token_ids)
+    print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish_reason={out.outputs[0].finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def stream_chat(llm, messages: list[dict], params, write) -> str:
+    """Generate the assistant's reply to `messages`, calling write(delta) as text arrives."""
+    engine = llm.engine
+    ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    request_id = f"chat-{time.monotonic_ns()}"
+    engine.add_request(request_id, ids, params)
+    shown = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                text = out.outputs[0].text
+                write(text[len(shown):])
+                shown = text
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        write("\n[interrupted]")
+    return shown
+
+
+def cmd_chat(args) -> int:
+    llm = _make_llm(args)
+    params = _params(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"fp8-turbo chat: {args.model} ({args.quantization}). /reset clears the conversation, /exit quits.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            messages = list(system)
+            print("[conversation cleared]")
+            continue
+        messages.append({"role": "user", "content": line})
+
+        def write(delta: str) -> None:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        reply = stream_chat(llm, messages, params, write)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fp8-turbo", description="FP8 inference engine for Llama-family models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt and print the text")
+    _add_model_args(p)
+    _add_sampling_args(p, max_tokens=64)
+    p.add_argument("--prompt", required=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat that streams tokens as they come")
+    _add_model_args(p)
+    _add_sampling_args(p, max_tokens=256)
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Engine-wide options: which model, how it is quantized, and how the KV cache and batches are sized."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.linear import QUANT_SCHEMES
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    quantization: str | None = None  # None/"none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only"
+    quantization_ignore: tuple[str, ...] = ("lm_head",)
+    kv_cache_dtype: str = "auto"
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+    dtype: str = "auto"  # "auto" -> bfloat16 on CUDA, float32 on CPU
+    max_model_len: int | None = None
+    seed: int = 0
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None  # CPU budget; default 1 GiB
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory after loading
+
+    def __post_init__(self) -> None:
+        if self.quantization is None:
+            self.quantization = "none"
+        if self.quantization not in QUANT_SCHEMES:
+            raise ValueError(f"quantization must be one of {QUANT_SCHEMES}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)

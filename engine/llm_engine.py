@@ -1,0 +1,211 @@
+"""The engine loop: add requests, then `step()` until done. Used synchronously by `LLM.generate` and
+from a background task by the asyncio engine that serves streams.
+
+One step: schedule -> model forward -> sample -> append tokens, detokenize, check stops -> outputs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.config import ModelConfig
+from engine.engine_config import EngineConfig
+from engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
+from engine.linear import QuantConfig
+from engine.loader import build_model, read_hf_config, resolve_model
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.request import Request, logprob_dict
+from engine.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger("fp8_turbo")
+
+_CPU_KV_BUDGET = 1 << 30  # bytes
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        t0 = time.perf_counter()
+        self.source = resolve_model(config.model)
+        self.model_config = ModelConfig.from_hf_dict(read_hf_config(self.source))
+        self.tokenizer: Tokenizer = load_tokenizer(self.source.path)
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        quant = QuantConfig(config.quantization, config.quantization_ignore)
+        self.model = build_model(self.source, self.model_config, quant, self.device, self.dtype)
+        self.load_seconds = time.perf_counter() - t0
+
+        cfg = self.model_config
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
+        num_blocks = max(1, self._kv_budget_bytes() // (per_token * config.block_size))
+        self.kv_capacity_tokens = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
+                                 self.kv_capacity_tokens)
+        kv_caches = allocate_kv_caches(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
+                                       self.kv_dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max(config.max_num_batched_tokens, config.block_size),
+                                   config.max_num_seqs)
+        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
+        self.sampler = Sampler(seed=config.seed, device=self.device)
+        self.requests: dict[str, Request] = {}
+        self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
+        logger.info("loaded %s (%s, %s) in %.1fs; KV cache %s: %d blocks x %d = %d tokens",
+                    config.model, config.quantization, self.dtype, self.load_seconds, self.kv_dtype, num_blocks,
+                    config.block_size, self.kv_capacity_tokens)
+
+    def _kv_budget_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * self.config.gpu_memory_utilization)
+        return self.config.kv_cache_memory_bytes or _CPU_KV_BUDGET
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {n_prompt} tokens, but max_model_len is {self.max_model_len} "
+                                     f"(at least one token must fit after the prompt)")
+        seqs = []
+        for i in range(params.n):
+            generator = make_generator(params.seed + i, self.device) if params.seed is not None else None
+            seq = Sequence(request_id, i, prompt_token_ids, params, generator)
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs.append(None)  # the first prompt token has no prediction
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), params, seqs, self.tokenizer)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (no-op for unknown or finished ids)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        request.aborted = True
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that made progress (finished ones last time)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        step_logits = self.runner.run(batch.scheduled)
+        self.num_computed_tokens_total += batch.num_tokens
+
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
+
+        for seq_id, (first, logits) in step_logits.prompt_logits.items():
+            seq = next(i.seq for i in batch.scheduled if i.seq.seq_id == seq_id)
+            self._record_prompt_logprobs(seq, first, logits)
+
+        touched: dict[str, Request] = {}
+        if step_logits.sample_seqs:
+            seqs = [item.seq for item in step_logits.sample_seqs]
+            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                                self._eos_ids(s.params)) for s in seqs]
+            sampled = self.sampler(step_logits.sample_logits, rows)
+            token_ids = sampled.token_ids.tolist()
+            want_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+            if want_lp:
+                k = max(seqs[i].params.logprobs for i in want_lp)
+                lp = compute_logprobs(step_logits.sample_logits[want_lp], sampled.token_ids[want_lp], k)
+                for j, i in enumerate(want_lp):
+                    self._record_logprobs(seqs[i], token_ids[i], lp, j)
+            now = time.monotonic()
+            for seq, token in zip(seqs, token_ids):
+                request = self.requests[seq.request_id]
+                if seq.params.max_tokens == 0:  # prompt-only request (prompt logprobs, echo)
+                    self._finish(seq, "length", None)
+                else:
+                    self._append_token(request, seq, token)
+                request.first_token_time = request.first_token_time or now
+                request.last_token_time = now
+                touched[seq.request_id] = request
+
+        outputs = []
+        for request in touched.values():
+            outputs.append(request.to_output())
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _eos_ids(self, params: SamplingParams) -> list[int]:
+        return [] if params.ignore_eos else sorted(self.tokenizer.stop_token_ids)
+
+    def _append_token(self, request: Request, seq: Sequence, token: int) -> None:
+        params = seq.params
+        seq.output_token_ids.append(token)
+        text = request.texts[seq.index]
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.stop_token_ids):
+            if len(seq.output_token_ids) >= params.min_tokens:
+                self._finish(seq, "stop", token)
+                return
+        stop = text.add(token)
+        if stop is not None:
+            self._finish(seq, "stop", stop)
+        elif params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
+            self._finish(seq, "length", None)
+        elif seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _record_logprobs(self, seq: Sequence, token: int, lp, row: int) -> None:
+        token_lp, token_rank, top_ids, top_lps = lp
+        k = seq.params.logprobs
+        ids = [token] + top_ids[row, :k].tolist()
+        lps = [float(token_lp[row])] + top_lps[row, :k].tolist()
+        ranks = [int(token_rank[row])] + list(range(1, k + 1))
+        seq.logprobs.append(logprob_dict(ids, lps, ranks, self.tokenizer))
+
+    def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
+        targets = torch.tensor(seq.prompt_token_ids[first:first + logits.shape[0]], device=logits.device)
+        k = seq.params.prompt_logprobs
+        token_lp, token_rank, top_ids, top_lps = compute_logprobs(logits, targets, k)
+        for r in range(logits.shape[0]):
+            ids = [int(targets[r])] + top_ids[r, :k].tolist()
+            lps = [float(token_lp[r])] + top_lps[r, :k].tolist()
+            ranks = [int(token_rank[r])] + list(range(1, k + 1))
+            seq.prompt_logprobs.append(logprob_dict(ids, lps, ranks, self.tokenizer))

@@ -1,0 +1,133 @@
+"""The Llama decoder, by hand: RMSNorm -> rotary -> Attention -> MLP -> Block -> Model.
+
+Tokens of all sequences in a step are packed into one [T, hidden] batch; attention reads and writes
+the paged KV cache through the kernels (`kernels.write_kv`, `kernels.paged_attention_*`), described
+by an explicit `AttentionMetadata`. q/k/v and gate/up are fused at load time (`engine.loader`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from engine.attention_metadata import AttentionMetadata
+from engine.config import ModelConfig, rope_inv_freq
+from engine.linear import Linear, QuantConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, KVH, D] each
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 then scale in the model dtype, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the "rotate half" convention of HF Llama checkpoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, D]; cos/sin [T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias, quant=quant, name=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias, quant=quant, name=f"{prefix}.o_proj")
+        # Per-layer FP8 KV-cache scales (1.0 unless the checkpoint or a calibration pass sets them).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        if meta.is_decode:
+            out = kernels.paged_attention_decode(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, self.k_scale, self.v_scale
+            )
+        else:
+            out = kernels.paged_attention_prefill(
+                q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale, self.k_scale, self.v_scale
+            )
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, quant=quant, name=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, quant=quant, name=f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig, layer_idx: int):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, quant, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, quant, f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None):
+        super().__init__()
+        quant = quant or QuantConfig()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList([Block(cfg, quant, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # lm_head stays in high precision by default (QuantConfig decides); tied to the embedding when
+        # the checkpoint says so (the loader then shares the tensor).
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, quant=quant, name="lm_head")
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
+        """input_ids [T] -> logits [len(meta.logits_indices), vocab] in fp32."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(meta.positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, meta, kv_cache)
+        x = self.norm(x[meta.logits_indices])
+        return self.lm_head(x).float()
