@@ -1,0 +1,376 @@
+"""The sampler: one step's logits -> one token per sequence, for a batch whose rows all differ.
+
+What happens to a row's logits, in this order (each step acts on the result of the one before):
+  1. logit_bias is added; while fewer than `min_tokens` tokens were generated, the row's stop ids
+     (`params.stop_token_ids`, plus its EOS ids unless `ignore_eos`) are masked to -inf.
+  2. repetition_penalty, over prompt and generated tokens: a seen token's logit is divided by the
+     penalty when positive and multiplied by it when negative (transformers' and vLLM's definition).
+  3. frequency and presence penalties, over generated tokens only (OpenAI's definition):
+     logit - count * frequency_penalty - (count > 0) * presence_penalty.
+  4. Greedy rows (temperature 0) take the argmax here.
+  5. temperature: logits / temperature.
+  6. top_k keeps the k most likely tokens; then top_p keeps the smallest set of most likely tokens
+     whose probability reaches top_p (never empty: the most likely token always stays); then min_p
+     drops the tokens less likely than min_p times the most likely one.
+  7. The draw: inverse-CDF sampling with one uniform number per row, taken from the row's own
+     generator when the request has a seed, so a seeded request gets the same tokens whatever
+     else is in the batch.
+
+Logprobs are computed from the raw logits (log_softmax of the model's output, before any step
+above), the same convention as vLLM.
+
+Batching: rows are grouped by the work they need (greedy, full-vocabulary draw, top_k, top_p) and
+each group is handled with tensor operations; no step runs for rows that do not need it. Sorting the
+vocabulary is the classic cost of top_p; here top_p rows take the 64 best tokens first and look
+further (x8) only for rows whose nucleus does not fit, so a peaked distribution never pays for a sort.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_FIRST_NUCLEUS_WIDTH = 64  # candidates first tried for a top_p row; x8 per retry for rows that need more
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The per-request generator of a seeded request: create once per request, pass every step."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One sequence that needs a token this step."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None  # None: the sampler's shared generator
+    eos_token_ids: Sequence[int] = ()  # the model's EOS ids, masked with stop_token_ids during min_tokens
+
+    def min_tokens_blocked_ids(self) -> list[int]:
+        """Token ids that may not be drawn yet because fewer than min_tokens were generated."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return []
+        blocked = list(self.params.stop_token_ids or [])
+        if not self.params.ignore_eos:
+            blocked += self.eos_token_ids
+        return blocked
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprobs of one sampled token, from the raw logits. rank 1 = the most likely token."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]  # the `params.logprobs` most likely tokens, most likely first
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64, on the logits' device
+    logprobs: list[TokenLogprobs | None]  # per row; None where params.logprobs is None
+
+
+def compute_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log_softmax facts of `token_ids` under `logits` [B, V] (pass raw logits: vLLM's convention).
+
+    Returns (token_logprob [B], token_rank [B] with 1 = most likely, top_ids [B, num_top],
+    top_logprobs [B, num_top]). Also used by the engine for prompt_logprobs.
+    """
+    logits = logits.float()
+    log_z = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    token_logits = logits.gather(1, token_ids.view(-1, 1))  # [B, 1]
+    # The rank is decided on the logits themselves: log_softmax only shifts a row.
+    token_rank = (logits > token_logits).sum(dim=-1) + 1
+    top_logits, top_ids = logits.topk(num_top, dim=-1)
+    return (token_logits - log_z).squeeze(1), token_rank, top_ids, top_logits - log_z
+
+
+# ----------------------------------------------------------------------------- logits processing
+# These act in place on rows of `logits` [B, V] and touch only the entries they change.
+
+
+def apply_logit_bias_and_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    vocab_size = logits.shape[1]
+    flat = logits.view(-1)
+    bias_at, bias = [], []
+    blocked_at = []
+    for i, row in enumerate(rows):
+        for token, value in (row.params.logit_bias or {}).items():
+            _check_token(token, vocab_size, "logit_bias")
+            bias_at.append(i * vocab_size + token)
+            bias.append(value)
+        for token in row.min_tokens_blocked_ids():
+            _check_token(token, vocab_size, "stop_token_ids")
+            blocked_at.append(i * vocab_size + token)
+    if bias_at:
+        index = torch.tensor(bias_at, device=logits.device)
+        flat.index_add_(0, index, torch.tensor(bias, dtype=logits.dtype, device=logits.device))
+    if blocked_at:
+        flat.index_fill_(0, torch.tensor(blocked_at, device=logits.device), float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Repetition penalty (prompt + output), then frequency/presence penalties (output only)."""
+    vocab_size, device = logits.shape[1], logits.device
+    flat = logits.view(-1)
+
+    def flat_ids(row_index: int, token_ids: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(token_ids, dtype=torch.long) + row_index * vocab_size
+
+    repeat_rows = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if repeat_rows:
+        penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeat_rows], device=device)
+        seen_ids = torch.cat(
+            [flat_ids(i, rows[i].prompt_token_ids) for i in repeat_rows]
+            + [flat_ids(i, rows[i].output_token_ids) for i in repeat_rows]
+        ).to(device)
+        seen_ids = torch.unique(seen_ids)  # a token is penalised once however often it appeared
+        row_penalty = penalty[torch.searchsorted(torch.tensor(repeat_rows, device=device), seen_ids // vocab_size)]
+        seen = flat[seen_ids]
+        flat[seen_ids] = torch.where(seen > 0, seen / row_penalty, seen * row_penalty)
+
+    counted_rows = [
+        i for i, row in enumerate(rows)
+        if (row.params.frequency_penalty != 0.0 or row.params.presence_penalty != 0.0) and row.output_token_ids
+    ]
+    if counted_rows:
+        frequency = torch.tensor([rows[i].params.frequency_penalty for i in counted_rows], device=device)
+        presence = torch.tensor([rows[i].params.presence_penalty for i in counted_rows], device=device)
+        output_ids = torch.cat([flat_ids(i, rows[i].output_token_ids) for i in counted_rows]).to(device)
+        output_ids, counts = torch.unique(output_ids, return_counts=True)
+        which = torch.searchsorted(torch.tensor(counted_rows, device=device), output_ids // vocab_size)
+        flat[output_ids] -= counts * frequency[which] + presence[which]
+
+
+def _check_token(token: int, vocab_size: int, field: str) -> None:
+    if not 0 <= token < vocab_size:
+        raise ValueError(f"{field}: token id {token} is outside the vocabulary [0, {vocab_size})")
+
+
+# ----------------------------------------------------------------------------- truncation and draw
+
+
+def candidate_weights(
+    sorted_logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    mass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply top_k, top_p and min_p to candidates sorted most likely first.
+
+    sorted_logits: [N, K] temperature-scaled logits, descending. top_k [N] int (0 = off),
+    top_p [N], min_p [N]. mass [N]: the row's whole unnormalised probability mass (sum over the full
+    vocabulary of exp(logit - max)) when the candidates are only its best K tokens and top_k is off;
+    None when the candidates hold everything that top_k can keep.
+    Returns unnormalised probabilities [N, K], 0 where filtered; the kept tokens are a prefix.
+    """
+    num_candidates = sorted_logits.shape[1]
+    weights = (sorted_logits - sorted_logits[:, :1]).exp()  # the most likely token has weight 1
+    position = torch.arange(num_candidates, device=sorted_logits.device)
+    keep_k = torch.where(top_k > 0, top_k, num_candidates)
+    weights = weights.masked_fill(position >= keep_k[:, None], 0.0)
+    if mass is None:
+        mass = weights.sum(dim=-1)
+    # top_p: keep a token while the probability of the tokens before it is still below top_p; this is
+    # transformers' "drop where the ascending cumulative probability <= 1 - top_p" read from the top.
+    before = weights.cumsum(dim=-1) - weights
+    outside = (before >= (top_p * mass)[:, None]) & (top_p < 1.0)[:, None]
+    weights = weights.masked_fill(outside, 0.0)
+    # min_p: relative to the most likely token, whose weight is 1.
+    return weights.masked_fill(weights < min_p[:, None], 0.0)
+
+
+def draw_from_weights(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: per row the first position where the running weight reaches u * total.
+
+    weights [N, K] >= 0, each row with some positive weight; uniform [N] in (0, 1]. A zero-weight
+    position is never returned: its running sum equals its predecessor's, which is found first.
+    """
+    cumulative = weights.cumsum(dim=-1)
+    target = uniform * cumulative[:, -1]
+    return torch.searchsorted(cumulative, target[:, None]).squeeze(1)
+
+
+def _sample_full(x: torch.Tensor, min_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Rows without top_k/top_p: draw over the whole vocabulary. Overwrites x [N, V]."""
+    weights = x.sub_(x.max(dim=-1, keepdim=True).values).exp_()
+    if bool((min_p > 0).any()):
+        weights.masked_fill_(weights < min_p[:, None], 0.0)
+    cumulative = weights.cumsum_(dim=-1)
+    target = uniform * cumulative[:, -1]
+    return torch.searchsorted(cumulative, target[:, None]).squeeze(1)
+
+
+def _sample_top_k(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  uniform: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Rows with top_k: everything that may be kept is among the max_top_k best tokens."""
+    sorted_logits, token_ids = x.topk(min(max_top_k, x.shape[1]), dim=-1)
+    weights = candidate_weights(sorted_logits, top_k, top_p, min_p)
+    return token_ids.gather(1, draw_from_weights(weights, uniform)[:, None]).squeeze(1)
+
+
+def _sample_nucleus(x: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                    uniform: torch.Tensor) -> torch.Tensor:
+    """Rows with top_p but no top_k: widen the candidates until each row's nucleus fits."""
+    vocab_size = x.shape[1]
+    log_mass = x.logsumexp(dim=-1)
+    no_top_k = torch.zeros_like(top_p, dtype=torch.long)
+    tokens = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    pending = torch.arange(x.shape[0], device=x.device)
+    width = _FIRST_NUCLEUS_WIDTH
+    while True:
+        width = min(width, vocab_size)
+        sorted_logits, token_ids = x.topk(width, dim=-1)
+        mass = (log_mass - sorted_logits[:, 0]).exp()
+        weights = candidate_weights(sorted_logits, no_top_k, top_p, min_p, mass)
+        drawn = token_ids.gather(1, draw_from_weights(weights, uniform)[:, None]).squeeze(1)
+        if width == vocab_size:
+            tokens[pending] = drawn
+            return tokens
+        # The nucleus fits when the token after the last candidate would be cut by top_p.
+        candidate_mass = (sorted_logits - sorted_logits[:, :1]).exp().sum(dim=-1)
+        fits = candidate_mass >= top_p * mass
+        tokens[pending[fits]] = drawn[fits]
+        if bool(fits.all()):  # one host sync per retry, not per row
+            return tokens
+        retry = ~fits
+        x, top_p, min_p, uniform = x[retry], top_p[retry], min_p[retry], uniform[retry]
+        log_mass, no_top_k, pending = log_mass[retry], no_top_k[retry], pending[retry]
+        width *= 8
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+class Sampler:
+    """Call once per step with the logits of every sequence that needs a token.
+
+    `logits` [B, V] float32 are used as scratch space and overwritten (as vLLM's sampler does).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def shared_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of requests without a seed (one per device)."""
+        if device not in self._generators:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return self._generators[device]
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        logits = logits.float().contiguous()
+        device = logits.device
+
+        want_logprobs = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        raw_logits = logits[want_logprobs] if want_logprobs else None  # a copy, before any change
+
+        # 1-3: sparse edits, only where some row asks for them.
+        if any(row.params.logit_bias or row.min_tokens_blocked_ids() for row in rows):
+            apply_logit_bias_and_min_tokens(logits, rows)
+        if any(_has_penalty(row.params) for row in rows):
+            apply_penalties(logits, rows)
+
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
+        # 4: greedy. max() is much faster than argmax() on CPU and returns the same index.
+        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+        if greedy:
+            token_ids[_index(greedy, device)] = _rows(logits, greedy).max(dim=-1).indices
+        # 5-7: the rest, one uniform number per row.
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled:
+            token_ids[_index(sampled, device)] = self._sample(
+                _rows(logits, sampled), [rows[i] for i in sampled]
+            )
+
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        if want_logprobs:
+            num_top = max(rows[i].params.logprobs for i in want_logprobs)
+            chosen = token_ids[_index(want_logprobs, device)]
+            facts = compute_logprobs(raw_logits, chosen, num_top)
+            chosen_lp, rank, top_ids, top_lp = (t.tolist() for t in facts)  # one sync per batch
+            chosen_ids = chosen.tolist()
+            for j, i in enumerate(want_logprobs):
+                k = rows[i].params.logprobs
+                logprobs[i] = TokenLogprobs(
+                    chosen_ids[j], chosen_lp[j], rank[j], top_ids[j][:k], top_lp[j][:k]
+                )
+        return SamplerOutput(token_ids, logprobs)
+
+    def _sample(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Temperature, truncation and the draw for rows [N, V] of scratch logits."""
+        device = x.device
+        temperature = torch.tensor([row.params.temperature for row in rows], device=device)
+        if bool((temperature != 1.0).any()):
+            x.div_(temperature[:, None])
+        uniform = self._uniforms(rows, device)
+        top_k = torch.tensor([row.params.top_k for row in rows], device=device)
+        top_p = torch.tensor([row.params.top_p for row in rows], device=device)
+        min_p = torch.tensor([row.params.min_p for row in rows], device=device)
+
+        by_top_k = [i for i, row in enumerate(rows) if row.params.top_k > 0]
+        by_top_p = [i for i, row in enumerate(rows) if row.params.top_k == 0 and row.params.top_p < 1.0]
+        full = [i for i, row in enumerate(rows) if row.params.top_k == 0 and row.params.top_p == 1.0]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=device)
+        if by_top_k:
+            index = _index(by_top_k, device)
+            max_top_k = max(rows[i].params.top_k for i in by_top_k)
+            tokens[index] = _sample_top_k(_rows(x, by_top_k), top_k[index], top_p[index], min_p[index],
+                                          uniform[index], max_top_k)
+        if by_top_p:
+            index = _index(by_top_p, device)
+            tokens[index] = _sample_nucleus(_rows(x, by_top_p), top_p[index], min_p[index], uniform[index])
+        if full:
+            index = _index(full, device)
+            tokens[index] = _sample_full(_rows(x, full), min_p[index], uniform[index])
+        return tokens
+
+    def _uniforms(self, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+        """One number in (0, 1] per row: seeded rows from their own generator, the rest shared."""
+        uniform = torch.empty(len(rows), device=device)
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
+        if shared:
+            uniform[_index(shared, device)] = torch.rand(
+                len(shared), device=device, generator=self.shared_generator(device)
+            )
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                uniform[i : i + 1] = torch.rand(1, device=device, generator=row.generator)
+        return 1.0 - uniform  # rand is in [0, 1); the draw needs u > 0
+
+
+def _has_penalty(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+    )
+
+
+def _index(positions: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(positions, dtype=torch.long, device=device)
+
+
+def _rows(x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """x[positions]: a view when that is every row (no copy), else a copy of those rows."""
+    if len(positions) == x.shape[0]:
+        return x
+    return x[_index(positions, x.device)]
