@@ -6,10 +6,93 @@ block_id * block_size + offset, and a negative slot means "skip" (padding tokens
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
-from kernels.backend import use_triton
+from kernels.backend import interpreting, use_triton
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_INTERPRETED: dict = {}
+
+
+def for_backend(kernel):
+    """The kernel in the form the current mode launches. `@triton.jit` picks JIT or interpreter when the
+    module is imported; TRITON_INTERPRET may be set later (tests set it per test with monkeypatch, so it
+    never leaks into other modules), so re-wrap the Python function at call time when it differs."""
+    if interpreting() and isinstance(kernel, JITFunction):
+        if kernel not in _INTERPRETED:
+            _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
+        return _INTERPRETED[kernel]
+    if not interpreting() and isinstance(kernel, InterpretedFunction):
+        if kernel not in _INTERPRETED:
+            _INTERPRETED[kernel] = JITFunction(kernel.fn)
+        return _INTERPRETED[kernel]
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernel: one program per new token, all KV heads at once
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def write_kv_kernel(
+    # new keys/values [T, KVH, D]
+    k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+    # caches [num_blocks, BLOCK_SIZE, KVH, D]
+    k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
+    slot_ptr,  # int64 [T]; negative = padding, skipped
+    k_scale, v_scale,  # fp32; only used for fp8 caches
+    KVH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_HD: tl.constexpr,
+    FP8: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    slot = tl.load(slot_ptr + pid_t)
+    if slot < 0:  # padding token
+        return
+    offs = tl.arange(0, BLOCK_HD)  # flattened (kv head, d) of one token
+    offs_h = offs // HEAD_DIM
+    offs_d = offs % HEAD_DIM
+    mask = offs < KVH * HEAD_DIM
+    # upcast right after the load: exact, and the interpreter gets bf16 arithmetic wrong
+    k = tl.load(k_ptr + pid_t * stride_kt + offs_h * stride_kh + offs_d, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + pid_t * stride_vt + offs_h * stride_vh + offs_d, mask=mask, other=0.0).to(tl.float32)
+    block_id = slot // BLOCK_SIZE
+    cache_offs = block_id * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs_h * stride_ch + offs_d
+    if FP8:
+        # Round to the e4m3 grid in fp32 (round-half-even, saturating at +-448), then cast: the cast of an
+        # on-grid value is exact on the GPU and in the interpreter (which mis-rounds off-grid values).
+        k = tl.minimum(tl.maximum(k / k_scale, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v / v_scale, -448.0), 448.0)
+        # The grid step is 2^(e - 3) for |x| in [2^e, 2^(e+1)), e >= -6, and 2^-9 below 2^-6 (subnormals).
+        # Adding and subtracting 1.5 * 2^23 rounds |x| / step (< 16) to an integer, half to even; the sign
+        # is put back from the sign bit so that -0 and tiny negatives give -0 as torch's cast does.
+        bits_k = k.to(tl.int32, bitcast=True)
+        bits_v = v.to(tl.int32, bitcast=True)
+        step_k = ((tl.maximum(((bits_k >> 23) & 0xFF) - 127, -6) + 124) << 23).to(tl.float32, bitcast=True)
+        step_v = ((tl.maximum(((bits_v >> 23) & 0xFF) - 127, -6) + 124) << 23).to(tl.float32, bitcast=True)
+        k_abs = ((tl.abs(k) / step_k + 12582912.0) - 12582912.0) * step_k
+        v_abs = ((tl.abs(v) / step_v + 12582912.0) - 12582912.0) * step_v
+        k = tl.where(bits_k < 0, -k_abs, k_abs)
+        v = tl.where(bits_v < 0, -v_abs, v_abs)
+    tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
+    t, kvh, d = k.shape
+    assert k.stride(2) == 1 and v.stride(2) == 1, f"k, v must be contiguous in D: {k.stride()} {v.stride()}"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, (
+        f"caches must share strides, contiguous in D: {k_cache.stride()} {v_cache.stride()}")
+    assert slot_mapping.dtype == torch.int64, f"slot_mapping dtype {slot_mapping.dtype}, want int64"
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    for_backend(write_kv_kernel)[(t,)](
+        k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        slot_mapping, float(k_scale), float(v_scale),
+        KVH=kvh, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_HD=triton.next_power_of_2(kvh * d), FP8=fp8,
+        num_warps=4,
+    )
 
 
 def _check(k, v, k_cache, v_cache, slot_mapping):
@@ -42,7 +125,3 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> 
     if use_triton(k) and k.shape[0] > 0:
         return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return write_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-
-
-def write_kv_triton(*args, **kwargs):  # replaced below once the Triton kernel lands
-    return write_kv_reference(*args, **kwargs)
