@@ -5,6 +5,8 @@ block_id * block_size + offset, and a negative slot means "skip" (padding tokens
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import triton
 import triton.language as tl
@@ -12,24 +14,30 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from kernels.backend import interpreting, use_triton
+from kernels.fp8 import FP8_DTYPE, round_to_e4m3
+from kernels.quantize import round_to_e4m3_tl
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_INTERPRETED: dict = {}
+_CONVERTED: dict = {}
 
 
 def for_backend(kernel):
-    """The kernel in the form the current mode launches. `@triton.jit` picks JIT or interpreter when the
-    module is imported; TRITON_INTERPRET may be set later (tests set it per test with monkeypatch, so it
-    never leaks into other modules), so re-wrap the Python function at call time when it differs."""
-    if interpreting() and isinstance(kernel, JITFunction):
-        if kernel not in _INTERPRETED:
-            _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
-        return _INTERPRETED[kernel]
-    if not interpreting() and isinstance(kernel, InterpretedFunction):
-        if kernel not in _INTERPRETED:
-            _INTERPRETED[kernel] = JITFunction(kernel.fn)
-        return _INTERPRETED[kernel]
-    return kernel
+    """The kernel in the form the current mode launches. `@triton.jit` picks compiled or interpreted when
+    the module is imported, but TRITON_INTERPRET may change afterwards (tests set it per test with
+    monkeypatch so that it never leaks into other test modules of the same xdist worker). Re-wrap the
+    Python function at call time when the mode differs; the jit'd helpers it calls (round_to_e4m3_tl)
+    are re-wrapped too, in a private copy of the module globals."""
+    if interpreting() == isinstance(kernel, InterpretedFunction):
+        return kernel
+    if kernel not in _CONVERTED:
+        wrap = InterpretedFunction if interpreting() else JITFunction
+        fn = kernel.fn
+        scope = dict(fn.__globals__)
+        for name, value in scope.items():
+            if isinstance(value, (JITFunction, InterpretedFunction)) and not isinstance(value, wrap):
+                scope[name] = wrap(value.fn)
+        fn = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        _CONVERTED[kernel] = wrap(fn)
+    return _CONVERTED[kernel]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,21 +68,10 @@ def write_kv_kernel(
     block_id = slot // BLOCK_SIZE
     cache_offs = block_id * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs_h * stride_ch + offs_d
     if FP8:
-        # Round to the e4m3 grid in fp32 (round-half-even, saturating at +-448), then cast: the cast of an
-        # on-grid value is exact on the GPU and in the interpreter (which mis-rounds off-grid values).
-        k = tl.minimum(tl.maximum(k / k_scale, -448.0), 448.0)
-        v = tl.minimum(tl.maximum(v / v_scale, -448.0), 448.0)
-        # The grid step is 2^(e - 3) for |x| in [2^e, 2^(e+1)), e >= -6, and 2^-9 below 2^-6 (subnormals).
-        # Adding and subtracting 1.5 * 2^23 rounds |x| / step (< 16) to an integer, half to even; the sign
-        # is put back from the sign bit so that -0 and tiny negatives give -0 as torch's cast does.
-        bits_k = k.to(tl.int32, bitcast=True)
-        bits_v = v.to(tl.int32, bitcast=True)
-        step_k = ((tl.maximum(((bits_k >> 23) & 0xFF) - 127, -6) + 124) << 23).to(tl.float32, bitcast=True)
-        step_v = ((tl.maximum(((bits_v >> 23) & 0xFF) - 127, -6) + 124) << 23).to(tl.float32, bitcast=True)
-        k_abs = ((tl.abs(k) / step_k + 12582912.0) - 12582912.0) * step_k
-        v_abs = ((tl.abs(v) / step_v + 12582912.0) - 12582912.0) * step_v
-        k = tl.where(bits_k < 0, -k_abs, k_abs)
-        v = tl.where(bits_v < 0, -v_abs, v_abs)
+        # round to the e4m3 grid in fp32 first (saturating, half to even): the cast of an on-grid value is
+        # exact on the GPU and in the interpreter, which mis-rounds off-grid values (design.md pitfall 2)
+        k = round_to_e4m3_tl(tl.math.div_rn(k, k_scale))
+        v = round_to_e4m3_tl(tl.math.div_rn(v, v_scale))
     tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -85,7 +82,7 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, (
         f"caches must share strides, contiguous in D: {k_cache.stride()} {v_cache.stride()}")
     assert slot_mapping.dtype == torch.int64, f"slot_mapping dtype {slot_mapping.dtype}, want int64"
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp8 = k_cache.dtype == FP8_DTYPE
     for_backend(write_kv_kernel)[(t,)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -111,9 +108,8 @@ def write_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scal
     slots = slot_mapping[keep].long()
     for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         rows = new[keep]  # [T', KVH, D]
-        if cache.dtype == torch.float8_e4m3fn:
-            # torch's cast rounds half-to-even; clamp first so out-of-range values saturate to +-448
-            rows = (rows.float() / float(scale)).clamp_(-FP8_MAX, FP8_MAX)
+        if cache.dtype == FP8_DTYPE:
+            rows = round_to_e4m3(rows.float() / float(scale))  # saturating, half to even (kernels/fp8.py)
         cache.view(num_blocks * block_size, kvh, d)[slots] = rows.to(cache.dtype)
 
 
