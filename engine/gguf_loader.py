@@ -75,7 +75,7 @@ def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFReader:
     try:
         return GGUFReader(path, "c")
     except (ValueError, OSError, IndexError) as e:
-        raise GGUFError(f"{path!r} is not a valid GGUF file: {e}") from e
+        raise GGUFError(f"{path!r} is not a readable GGUF file (truncated or corrupt?): {e}") from e
 
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
