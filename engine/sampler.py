@@ -252,6 +252,31 @@ def _sample_nucleus(x: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
         width *= 8
 
 
+def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The distribution each row's token is drawn from, dense [B, V]; one-hot for greedy rows.
+
+    Steps 1-6 written plainly, with a full sort; the Sampler draws from the same distribution
+    without building it. Leaves `logits` unchanged.
+    """
+    x = logits.float().clone()
+    apply_logit_bias_and_min_tokens(x, rows)
+    apply_penalties(x, rows)
+    greedy = torch.tensor([row.params.greedy for row in rows], device=x.device)
+    temperature = torch.tensor([1.0 if row.params.greedy else row.params.temperature for row in rows])
+    x /= temperature.to(x.device)[:, None]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    weights = candidate_weights(
+        sorted_x,
+        torch.tensor([row.params.top_k for row in rows], device=x.device),
+        torch.tensor([row.params.top_p for row in rows], device=x.device),
+        torch.tensor([row.params.min_p for row in rows], device=x.device),
+    )
+    probs = torch.zeros_like(x).scatter_(1, order, weights)
+    probs /= probs.sum(dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(x).scatter_(1, x.max(dim=-1, keepdim=True).indices, 1.0)
+    return torch.where(greedy[:, None], one_hot, probs)
+
+
 # ----------------------------------------------------------------------------- the sampler
 
 
