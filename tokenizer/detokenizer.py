@@ -7,6 +7,10 @@ recent tokens twice -- up to the last emitted token (`prefix`) and up to the new
 difference, holding it back while the text ends in U+FFFD (an incomplete character). A window always
 starts where earlier text ended on a complete character, so windows decode like the whole sequence
 does, and the deltas concatenate to `tok.decode(output_ids)`.
+
+Byte-fallback tokens need one more rule: tokenizers' ByteFallback decoder turns a whole run of byte
+tokens into U+FFFDs when any of it is invalid, so "<0x0A>" (a newline) followed by a stray "<0x80>"
+decodes to two U+FFFD. Text is therefore also held while the last token is a byte token.
 """
 from __future__ import annotations
 
@@ -32,13 +36,14 @@ class IncrementalDetokenizer:
         self.text = ""  # everything emitted so far
         self._prefix_offset = 0  # window start: a position where emitted text ended on a whole character
         self._read_offset = 0  # tokens before this are emitted
+        self._byte_ids = tok.byte_fallback_ids
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the new text it completes ("" while a character is partial)."""
         self.token_ids.append(token_id)
         prefix_text = self._decode(self._prefix_offset, self._read_offset)
         new_text = self._decode(self._prefix_offset, len(self.token_ids))
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT) or token_id in self._byte_ids:
             return ""
         delta = new_text[len(prefix_text):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)

@@ -120,6 +120,15 @@ class Tokenizer:
         )
 
     @cached_property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of sentencepiece byte-fallback tokens (<0x00>..<0xFF>); empty for byte-level BPE."""
+        model = self.hf.backend_tokenizer.model
+        if not getattr(model, "byte_fallback", False):
+            return frozenset()
+        vocab = self.hf.get_vocab()
+        return frozenset(vocab[t] for t in (f"<0x{b:02X}>" for b in range(256)) if t in vocab)
+
+    @cached_property
     def _template_renders_tools(self) -> bool:
         tool = {"type": "function", "function": {"name": _PROBE, "description": "", "parameters": {}}}
         return self._probe([{"role": "user", "content": "hi"}], [tool])
