@@ -26,7 +26,7 @@ from kernels.backend import interpreting, use_triton
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8
 
 SCALE_BLOCK = 128  # K (and N) extent of one block scale
-# Scale layouts, the A_SCALE / B_SCALE constexprs of the kernel.
+# Scale layouts of the public API (the kernel gets them as strides + SCALE_ROWS/SCALE_K constexprs).
 PER_TENSOR, PER_ROW, PER_BLOCK = 0, 1, 2
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -37,23 +37,26 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @triton.jit
 def _fp8_gemm_kernel(
     # pointers
-    a_ptr, b_ptr,  # a [M, K] e4m3, b [N, K] e4m3
+    a_ptr, b_ptr,  # a [M, K] e4m3, b [N, K] e4m3 (K-major both)
     c_ptr,  # c [M, N] out dtype, or fp32 partials [SPLIT_K, M, N] when SPLIT_K > 1
-    a_scale_ptr, b_scale_ptr,  # fp32, layouts A_SCALE / B_SCALE
-    bias_ptr,  # [N] or unused
+    a_scale_ptr, b_scale_ptr,  # fp32: scale of a[m, k] is a_scale[m // A_SCALE_ROWS, k // 128]
+    bias_ptr,  # [N] (or [M] when BIAS_ALONG_M), or unused
     # sizes
     M, N, K,
-    M_BUCKET,  # bucketed M: only keys the autotuner
+    M_BUCKET,  # bucketed token count: only keys the autotuner
     # strides
     stride_am, stride_ak,
     stride_bn, stride_bk,
     stride_cs, stride_cm, stride_cn,  # stride_cs: between split-K partials
-    stride_asm, stride_ask,  # a_scale [M, 1] or [M, ceil(K/128)]
-    stride_bsn, stride_bsk,  # b_scale [N, 1] or [ceil(N/128), ceil(K/128)]
+    stride_asm, stride_ask,  # 0 where the scale does not vary (per-tensor; per-row along K)
+    stride_bsn, stride_bsk,
     # scale layouts and epilogue
-    A_SCALE: tl.constexpr,  # PER_TENSOR 0 | PER_ROW 1 | PER_BLOCK 2 (1x128 groups)
-    B_SCALE: tl.constexpr,  # PER_TENSOR 0 | PER_ROW 1 (channel) | PER_BLOCK 2 (128x128)
+    A_SCALE_ROWS: tl.constexpr,  # rows sharing one scale: 1 (per-tensor/row/1x128 group) or 128 (block)
+    A_SCALE_K: tl.constexpr,  # True: the scale changes every 128 of K (group / block scales)
+    B_SCALE_ROWS: tl.constexpr,
+    B_SCALE_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_ALONG_M: tl.constexpr,  # swapped decode GEMM: the bias follows the rows of this c
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # tile rows per group of the grouped ordering (L2 reuse of b)
@@ -75,34 +78,33 @@ def _fp8_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # clamp out-of-range rows/cols to row 0 instead of masking the loads: they are never stored
+    # out-of-range rows/cols read row 0 instead of masking the loads: they are never stored
     offs_am = tl.where(mask_m, offs_m, 0)
     offs_bn = tl.where(mask_n, offs_n, 0)
+    a_scale_rows = a_scale_ptr + (offs_am // A_SCALE_ROWS) * stride_asm  # [BLOCK_M] pointers
+    b_scale_rows = b_scale_ptr + (offs_bn // B_SCALE_ROWS) * stride_bsn  # [BLOCK_N] pointers
 
-    # -- this program's K range (all of K unless split-K); whole BLOCK_K steps
+    # -- this program's K range: all of K, or its share under split-K (whole BLOCK_K steps)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = min(k_start + k_per_split, K)
 
-    offs_k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn  # [BLOCK_K, BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_bn[None, :] * stride_bn  # [BLOCK_K, BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
-        mask_k = offs_k < k_end - (k - k_start)
-        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-        if A_SCALE == 2 or B_SCALE == 2:
-            # K-blocked scales: scale this step's fp32 partial product by its K block's scales
-            kb = k // 128  # SCALE_BLOCK; BLOCK_K divides it
-            partial = tl.dot(a, b)  # [BLOCK_M, BLOCK_N] fp32, promoted into acc below
-            if A_SCALE == 2:
-                a_s = tl.load(a_scale_ptr + offs_am * stride_asm + kb * stride_ask)  # [BLOCK_M]
-                partial = partial * a_s[:, None]
-            if B_SCALE == 2:
-                b_s = tl.load(b_scale_ptr + (offs_bn // 128) * stride_bsn + kb * stride_bsk)  # [BLOCK_N]
-                partial = partial * b_s[None, :]
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_end - k, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_end - k, other=0.0)
+        if A_SCALE_K or B_SCALE_K:
+            # scales change along K: scale this step's fp32 product by its K block's scales,
+            # which also promotes it into the fp32 accumulator (BLOCK_K divides 128)
+            partial = tl.dot(a, b)  # [BLOCK_M, BLOCK_N] fp32
+            if A_SCALE_K:
+                partial = partial * tl.load(a_scale_rows + (k // 128) * stride_ask)[:, None]
+            if B_SCALE_K:
+                partial = partial * tl.load(b_scale_rows + (k // 128) * stride_bsk)[None, :]
             acc += partial
         else:
             # promote the fp8 MMA's partial sums into the fp32 accumulator every BLOCK_K
@@ -110,18 +112,17 @@ def _fp8_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # -- epilogue: per-tensor / per-row / per-channel scales, bias
-    if A_SCALE == 0:
-        acc = acc * tl.load(a_scale_ptr)
-    elif A_SCALE == 1:
-        acc = acc * tl.load(a_scale_ptr + offs_am * stride_asm)[:, None]
-    if B_SCALE == 0:
-        acc = acc * tl.load(b_scale_ptr)
-    elif B_SCALE == 1:
-        acc = acc * tl.load(b_scale_ptr + offs_bn * stride_bsn)[None, :]
+    # -- epilogue: scales constant along K (per-tensor / per-row / per-channel), bias
+    if not A_SCALE_K:
+        acc = acc * tl.load(a_scale_rows)[:, None]
+    if not B_SCALE_K:
+        acc = acc * tl.load(b_scale_rows)[None, :]
     if HAS_BIAS:
         if pid_k == 0:  # added once, by the first K split
-            acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]  # upcast right after the load
+            if BIAS_ALONG_M:
+                acc += tl.load(bias_ptr + offs_am).to(tl.float32)[:, None]  # upcast right after the load
+            else:
+                acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
     c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -132,46 +133,50 @@ def _config(bm, bn, bk, warps, stages, group_m=8):
     )
 
 
-# Decode (M <= 64): BLOCK_M follows the M bucket, so a 1-token step does not compute 64 rows.
+# Decode (M <= 64) runs swapped, c.T = b @ a.T: the weight's N fills the 64-row wgmma tile and the
+# tokens are its narrow side (BLOCK_N = the M bucket, at least 16), so no MMA work is wasted on
+# padding rows and Hopper keeps the fp8 wgmma path.
 DECODE_CONFIGS = [
     _config(bm, bn, 128, 4, stages)
-    for bm in (16, 32, 64)
-    for bn, stages in ((64, 5), (128, 4))
+    for bn in (16, 32, 64)
+    for bm, stages in ((64, 6), (128, 4))
 ]
-# Prefill: wgmma tiles (BLOCK_M a multiple of 64, num_warps % 4 == 0).
+# Prefill: wgmma tiles (BLOCK_M a multiple of 64, num_warps % 4 == 0). No 128x256 tile: with the
+# promotion's second accumulator it spills registers (tests/test_aot_gemm.py reports spills).
 PREFILL_CONFIGS = [
-    _config(128, 128, 128, 8, 3),
-    _config(128, 256, 128, 8, 3),
+    _config(128, 128, 128, 8, 4),
+    _config(64, 256, 128, 8, 3),
     _config(64, 128, 128, 4, 4),
 ]
 GEMM_CONFIGS = DECODE_CONFIGS + PREFILL_CONFIGS
 # The interpreter runs programs one at a time: one small fixed config (design.md pitfall 4).
-INTERPRET_CONFIG = _config(32, 32, 64, 4, 1, group_m=4)
+INTERPRET_CONFIG = _config(64, 64, 128, 4, 1, group_m=4)
+DECODE_MAX_M = 64
 
 
 def m_bucket(m: int) -> int:
-    """Autotune key for M: powers of two (1, 2, 4, ... 64 are the decode buckets), capped at 8192."""
+    """Autotune key for the token count: powers of two (1 ... 64 are the decode buckets), <= 8192."""
     return min(triton.next_power_of_2(max(m, 1)), 8192)
 
 
 def _prune_configs(configs, named_args, **kwargs):
     bucket = named_args["M_BUCKET"]
-    if bucket <= 64:
-        return [c for c in configs if c in DECODE_CONFIGS and c.kwargs["BLOCK_M"] == max(16, bucket)]
+    if bucket <= DECODE_MAX_M:
+        return [c for c in configs if c in DECODE_CONFIGS and c.kwargs["BLOCK_N"] == max(16, bucket)]
     return [c for c in configs if c in PREFILL_CONFIGS]
 
 
 _fp8_gemm_autotuned = triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "A_SCALE", "B_SCALE", "HAS_BIAS", "SPLIT_K"],
+    key=["M_BUCKET", "N", "K", "A_SCALE_ROWS", "A_SCALE_K", "B_SCALE_ROWS", "B_SCALE_K", "HAS_BIAS", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_fp8_gemm_kernel)
 
 
 def split_k_for(m: int, n: int, k: int, num_sms: int) -> int:
-    """Decode split-K: split K (power of two, <= 8, >= 1024 deep each) while the output tiles of a
-    64-wide BLOCK_N leave more than half the SMs idle."""
-    if m > 64:
+    """Decode split-K: split K (a power of two <= 8, each part >= 1024 deep) while the 64-row tiles
+    over N leave more than half of the SMs idle."""
+    if m > DECODE_MAX_M:
         return 1
     tiles = triton.cdiv(n, 64)
     split = 1
@@ -180,33 +185,50 @@ def split_k_for(m: int, n: int, k: int, num_sms: int) -> int:
     return split
 
 
+def _operand(x, scale, mode, block_rows):
+    """(tensor, scale, stride_row, stride_k, SCALE_ROWS, SCALE_K) of one GEMM operand."""
+    if mode == PER_TENSOR:
+        return x, scale.reshape(1), 0, 0, 1, False
+    scale = scale.reshape(scale.shape[0], -1)
+    if mode == PER_ROW:
+        return x, scale, scale.stride(0), 0, 1, False
+    return x, scale, scale.stride(0), scale.stride(1), block_rows, True
+
+
 def _fp8_gemm_triton(a, b, a_scale, b_scale, a_mode, b_mode, out_dtype, bias, split_k=None):
     m, k = a.shape
     n = b.shape[0]
+    if m == 0 or n == 0:
+        return torch.zeros((m, n), dtype=out_dtype, device=a.device)
     if split_k is None:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
         split_k = split_k_for(m, n, k, sms)
-    if m == 0 or n == 0:
-        return torch.zeros((m, n), dtype=out_dtype, device=a.device)
     if split_k > 1:
         c = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)  # partials
     else:
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    a_scale2 = a_scale.reshape(a_scale.shape[0], -1) if a_mode != PER_TENSOR else a_scale
-    b_scale2 = b_scale.reshape(b_scale.shape[0], -1) if b_mode != PER_TENSOR else b_scale
-    sa = a_scale2.stride() if a_mode != PER_TENSOR else (0, 0)
-    sb = b_scale2.stride() if b_mode != PER_TENSOR else (0, 0)
+    lhs = _operand(a, a_scale, a_mode, 1)  # activations: 1x128 groups
+    rhs = _operand(b, b_scale, b_mode, SCALE_BLOCK)  # weights: 128x128 blocks
+    stride_cm, stride_cn = c.stride(-2), c.stride(-1)
+    swap = m <= DECODE_MAX_M
+    if swap:  # c.T [N, M] = b @ a.T
+        lhs, rhs, stride_cm, stride_cn = rhs, lhs, stride_cn, stride_cm
+    (x, xs, xs_row, xs_k, x_rows, x_k), (y, ys, ys_row, ys_k, y_rows, y_k) = lhs, rhs
+    rows, cols = x.shape[0], y.shape[0]
     args = (
-        a, b, c, a_scale2, b_scale2, bias if bias is not None else a_scale2,
-        m, n, k, m_bucket(m),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        c.stride(0) if split_k > 1 else 0, c.stride(-2), c.stride(-1),
-        sa[0], sa[1], sb[0], sb[1],
+        x, y, c, xs, ys, bias if bias is not None else xs,
+        rows, cols, k, m_bucket(m),
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        c.stride(0) if split_k > 1 else 0, stride_cm, stride_cn,
+        xs_row, xs_k, ys_row, ys_k,
     )
-    meta = dict(A_SCALE=a_mode, B_SCALE=b_mode, HAS_BIAS=bias is not None, SPLIT_K=split_k)
+    meta = dict(
+        A_SCALE_ROWS=x_rows, A_SCALE_K=x_k, B_SCALE_ROWS=y_rows, B_SCALE_K=y_k,
+        HAS_BIAS=bias is not None, BIAS_ALONG_M=swap, SPLIT_K=split_k,
+    )
 
     def grid(META):
-        return (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]), split_k)
+        return (triton.cdiv(rows, META["BLOCK_M"]) * triton.cdiv(cols, META["BLOCK_N"]), split_k)
 
     if interpreting():
         cfg = INTERPRET_CONFIG
