@@ -69,6 +69,7 @@ def _json_values(body: str) -> list[Any] | None:
         except json.JSONDecodeError:
             return None
         values.append(value)
+        end = pos
         pos = _skip(body, pos, " \t\r\n")
         if pos == len(body):
             return values
@@ -76,7 +77,7 @@ def _json_values(body: str) -> list[Any] | None:
             pos = _skip(body, pos + 1, " \t\r\n")
             if pos == len(body):  # a trailing ";"
                 return values
-        elif body[pos - 1] not in "\r\n":  # values on one line need a ";" between them
+        elif "\n" not in body[end:pos]:  # values on one line need a ";" between them
             return None
 
 
