@@ -4,15 +4,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _SEED_LIMIT = 2**63
+_GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (vLLM's _SAMPLING_EPS)
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    below = value <= lo if lo_open else value < lo
-    above = value >= hi if hi_open else value > hi
-    if below or above:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in {left}{lo}, {hi}{right}, got {value!r}")
+    above_lo = value > lo if lo_open else value >= lo
+    below_hi = value < hi if hi_open else value <= hi
+    if not (above_lo and below_hi):  # written so that NaN fails too
         raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)
@@ -25,7 +32,7 @@ class SamplingParams:
     """
 
     n: int = 1
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (anything below 1e-5) = greedy
     top_p: float = 1.0
     min_p: float = 0.0
     top_k: int = 0  # 0 (or -1, vLLM's spelling) = off
@@ -47,39 +54,44 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_range("min_p", self.min_p, 0.0, 1.0)
         if self.top_k == -1:
             self.top_k = 0
-        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 1000:
+        if not _is_int(self.top_k) or not 0 <= self.top_k < 1000:
             raise ValueError(f"top_k must be an integer in [0, 1000) (0 = off), got {self.top_k!r}")
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_range("repetition_penalty", self.repetition_penalty, 0.01, 5.0)
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < _SEED_LIMIT):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < _SEED_LIMIT):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or not 0 <= self.max_tokens <= 1_000_000):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or not 0 <= self.max_tokens <= 1_000_000):
             raise ValueError(f"max_tokens must be an integer in [0, 1000000], got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
+            if value is not None and (not _is_int(value) or not 0 <= value <= 20):
                 raise ValueError(f"{name} must be an integer in [0, 20], got {value!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop_strings = [s for s in (self.stop or []) if s]
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        for token in self.stop_token_ids:
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"stop_token_ids must hold token ids >= 0, got {token!r}")
         if self.logit_bias:
             for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
                 _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < _GREEDY_BELOW
