@@ -230,3 +230,16 @@ def test_messages_are_not_mutated(smol):
     messages = json.loads(json.dumps(CONVERSATION))
     smol.render_chat(messages, tools=[WEATHER_TOOL])
     assert messages == json.loads(json.dumps(CONVERSATION))
+
+
+def test_template_errors_are_value_errors(llama3_dir, tmp_path):
+    for name in ("tokenizer.json", "generation_config.json"):
+        (tmp_path / name).write_bytes((llama3_dir / name).read_bytes())
+    config = json.loads((llama3_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+                               "{{ raise_exception('System message must come first') }}{% endif %}{{ m.content }}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    assert tok.render_chat([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]) == "ab"
+    with pytest.raises(ValueError, match="cannot render these messages: System message must come first"):
+        tok.render_chat([{"role": "user", "content": "b"}, {"role": "system", "content": "a"}])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -192,3 +193,16 @@ def test_gguf_metadata_of_smollm2():
     assert meta["tokenizer.ggml.tokens"] == 49152
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert meta["llama.block_count"] == 30
+
+
+def test_chat_template_json(hf_dir, tmp_path):
+    # Named templates in chat_template.json (transformers 5 reads only chat_template.jinja and tokenizer_config.json).
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((hf_dir / name).read_bytes())
+    templates = [{"name": "default", "template": "D:{{ messages[0].content }}"},
+                 {"name": "tool_use", "template": "T:{{ tools[0].function.name }}:{{ messages[0].content }}"}]
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": templates}))
+    loaded = load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+    assert loaded.render_chat(messages) == "D:hi"
+    assert loaded.render_chat(messages, tools=[{"type": "function", "function": {"name": "f"}}]) == "T:f:hi"

@@ -43,9 +43,22 @@ def _load_hf_dir(path: Path) -> Tokenizer:
             f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)} (with tokenizer_config.json)"
         )
     hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not hf.chat_template:
+        hf.chat_template = _chat_template_json(path / "chat_template.json")
     extra_eos = [*_json_ids(path / "generation_config.json", "eos_token_id"),
                  *_json_ids(path / "config.json", "eos_token_id")]
     return Tokenizer(hf, extra_eos_ids=extra_eos)
+
+
+def _chat_template_json(file: Path) -> str | dict[str, str] | None:
+    """The template in chat_template.json (which transformers 5 no longer reads): a string, or a list of
+    {"name", "template"} entries (returned as a dict, as transformers keeps named templates)."""
+    if not file.is_file():
+        return None
+    template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):
+        return {entry["name"]: entry["template"] for entry in template}
+    return template
 
 
 def _json_ids(file: Path, key: str) -> list[int]:

@@ -86,7 +86,8 @@ class Tokenizer:
     ) -> str:
         """The prompt text the model's chat template makes of `messages` (OpenAI form) and `tools`.
 
-        Raises ValueError for malformed messages or tools (naming the index and field).
+        Raises ValueError for malformed messages or tools (naming the index and field), and for
+        conversations the template itself rejects (its `raise_exception`, or a rendering error).
         """
         normalized = normalize_messages(messages)
         tool_defs = normalize_tools(tools) or None
@@ -95,7 +96,10 @@ class Tokenizer:
         if tool_defs and not self._template_renders_tools:
             normalized = add_tools_system_prompt(normalized, tool_defs)
             tool_defs = None
-        return self._render(normalized, tool_defs, add_generation_prompt, **template_kwargs)
+        try:
+            return self._render(normalized, tool_defs, add_generation_prompt, **template_kwargs)
+        except TemplateError as e:
+            raise ValueError(f"the chat template cannot render these messages: {e}") from e
 
     def apply_chat_template(
         self,
