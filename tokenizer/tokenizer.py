@@ -68,12 +68,16 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def token_text(self, token_id: int) -> str:
-        """The decoded text of one token, special tokens included (U+FFFD for a lone piece of a character)."""
+        """The decoded text of one token, special tokens included (U+FFFD for a lone piece of a character).
+
+        Ids past the vocabulary (padding rows of a model's embedding) have no text: "".
+        """
         text = self._token_text.get(token_id)
         if text is None:
-            if not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"token_id {token_id} out of range [0, {self.vocab_size})")
-            text = self._token_text[token_id] = self.decode([token_id], skip_special_tokens=False)
+            if token_id < 0:
+                raise ValueError(f"token_id must be >= 0, got {token_id}")
+            text = self.decode([token_id], skip_special_tokens=False) if token_id < self.vocab_size else ""
+            self._token_text[token_id] = text
         return text
 
     # ---- chat ----
