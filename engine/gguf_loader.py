@@ -3,7 +3,7 @@
 `gguf_hf_config(path)` builds the `config.json` equivalent from GGUF metadata;
 `iter_gguf_tensors(path)` yields `(hf_name, tensor)` one tensor at a time, dequantized and with
 llama.cpp's rotary row permutation of q_proj/k_proj undone, so the rest of the engine sees exactly
-what an HF checkpoint holds.
+what an HF checkpoint holds; `gguf_metadata(path)` gives every metadata key (tokenizer included).
 
 Rope scaling: llama.cpp stores linear scaling as `llama.rope.scaling.{type,factor}`, but Llama 3's
 scaling as a `rope_freqs.weight` tensor of per-frequency divisors (convert_hf_to_gguf computes it from
@@ -12,15 +12,16 @@ from the tensor (see `_llama3_rope_scaling`) and check that they reproduce it; `
 itself is not yielded as a weight.
 """
 
-import functools
 import math
 import os
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 from tqdm import tqdm
 
 GGUF_MAGIC = b"GGUF"
@@ -50,11 +51,70 @@ class GGUFError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Opening and metadata
+# Reading the file
 # --------------------------------------------------------------------------------------------------
+# A GGUF file is: magic, version, tensor count, metadata count; typed key/value metadata; tensor
+# infos (name, dims innermost first, type, offset); padding to `general.alignment`; tensor data.
+# gguf.GGUFReader parses the same, but builds numpy views for every element of every metadata
+# array (the tokenizer's ~100k strings: 1.7 s for SmolLM2); this plain struct walk takes ~0.15 s.
+
+# GGUFValueType -> struct format of a little-endian scalar
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}  # fmt: skip
 
 
-def _open(path: str | os.PathLike) -> GGUFReader:
+@dataclass(slots=True)
+class _TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # HF / torch order (GGUF lists dims innermost first)
+    qtype: GGMLQuantizationType
+    data: np.ndarray  # the raw bytes, uint8 [nbytes], a view of the file map
+
+
+@dataclass(slots=True)
+class _GGUFFile:
+    metadata: dict[str, Any]
+    tensors: dict[str, _TensorInfo]  # in file order
+
+
+class _Cursor:
+    """Sequential little-endian reads from the mapped file."""
+
+    def __init__(self, buf: np.ndarray):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > self.buf.size:
+            raise ValueError(f"a string of {n} bytes at offset {self.pos} runs past the end of the file")
+        raw = self.buf[self.pos : self.pos + n].tobytes()
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")  # a few vocabularies hold invalid UTF-8 tokens
+
+    def value(self, vtype: int) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype != GGUFValueType.ARRAY:
+            return self.scalar(_SCALAR_FORMATS[GGUFValueType(vtype)])
+        item_type, n = self.scalar("<I"), self.scalar("<Q")
+        if item_type in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+            return [self.value(item_type) for _ in range(n)]
+        dtype = np.dtype(_SCALAR_FORMATS[GGUFValueType(item_type)])
+        values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
+        self.pos += n * dtype.itemsize
+        return values
+
+
+def _read_gguf(path: str | os.PathLike) -> _GGUFFile:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GGUFError(f"GGUF file not found: {path!r}")
@@ -62,100 +122,141 @@ def _open(path: str | os.PathLike) -> GGUFReader:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path!r} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    stat = os.stat(path)
-    return _cached_reader(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=1)
-def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFReader:
-    # GGUFReader parses every metadata field up front, the tokenizer's ~100k strings included
-    # (~1.7 s for SmolLM2), so config + tensors share one reader; mtime/size key out stale files.
-    # Mode "c" maps the file copy-on-write: arrays are writable (torch.from_numpy wants that)
-    # while the file itself can never be modified.
+    # Copy-on-write map: arrays are writable (torch.from_numpy wants that), the file never changes.
+    buf = np.memmap(path, dtype=np.uint8, mode="c")
     try:
-        return GGUFReader(path, "c")
-    except (ValueError, OSError, IndexError) as e:
-        raise GGUFError(f"{path!r} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+        return _parse(buf, path)
+    except GGUFError:
+        raise
+    except (struct.error, ValueError, IndexError, KeyError) as e:  # the header ran past the end, or garbage
+        raise GGUFError(f"{path!r} is not a readable GGUF file (truncated or corrupt?): {e!r}") from e
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    """The value of metadata `key` as a Python scalar, str or list; `default` when absent."""
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
+def _parse(buf: np.ndarray, path: str) -> _GGUFFile:
+    cur = _Cursor(buf)
+    cur.pos = 4
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise GGUFError(f"{path!r}: GGUF version {version} is unsupported (expected 2 or 3, little-endian)")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+        raw_type, offset = cur.scalar("<I"), cur.scalar("<Q")
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise GGUFError(f"tensor {name!r} in {path!r} has unknown GGUF tensor type #{raw_type}") from None
+        infos.append((name, tuple(reversed(dims)), qtype, offset))
+    alignment = metadata.get("general.alignment", 32)
+    data_start = -(-cur.pos // alignment) * alignment  # round up to the alignment
+
+    tensors = {}
+    for name, shape, qtype, offset in infos:
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        nbytes = math.prod(shape) // block_size * type_size
+        start = data_start + offset
+        if start + nbytes > buf.size:
+            raise GGUFError(f"{path!r} is truncated: tensor {name!r} ends at byte {start + nbytes}, file has {buf.size}")
+        tensors[name] = _TensorInfo(name, shape, qtype, buf[start : start + nbytes])
+    return _GGUFFile(metadata, tensors)
 
 
-def _require(reader: GGUFReader, key: str) -> Any:
-    value = _field(reader, key)
-    if value is None:
-        raise GGUFError(f"GGUF metadata is missing required key {key!r}")
-    return value
+def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All metadata of a GGUF file as plain Python values (str, int, float, bool, lists of them),
+    e.g. `tokenizer.ggml.tokens` or `tokenizer.chat_template`. Raises GGUFError like the loaders."""
+    return _read_gguf(path).metadata
 
 
-def _uniform(value: Any, key: str) -> Any:
-    # Some GGUFs store per-layer arrays (e.g. feed_forward_length); a Llama needs one value.
-    if isinstance(value, list):
-        if len(set(value)) != 1:
-            raise GGUFError(f"{key} varies per layer ({value}); only uniform Llama layers are supported")
-        return value[0]
-    return value
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
 
 
-def _check_architecture(reader: GGUFReader, path: str | os.PathLike) -> None:
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise GGUFError(
-            f"unsupported GGUF architecture {arch!r} in {os.fspath(path)!r}: only 'llama' is supported"
-        )
+def _float32(value: float) -> float:
+    # GGUF stores floats as float32: give back the shortest decimal that rounds to the same float32,
+    # i.e. what config.json said (1e-05, not 9.999999747378752e-06).
+    return float(str(np.float32(value)))
+
+
+class _Metadata:
+    """Typed, validated access to the `llama.*` and `tokenizer.*` keys of one file."""
+
+    def __init__(self, gguf: _GGUFFile, path: str | os.PathLike):
+        self.values, self.path = gguf.metadata, os.fspath(path)
+        arch = self.values.get("general.architecture")
+        if arch != "llama":
+            raise GGUFError(f"unsupported GGUF architecture {arch!r} in {self.path!r}: only 'llama' is supported")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.values.get(key, default)
+        # some GGUFs store per-layer arrays (e.g. head_count_kv); a Llama needs one value
+        if isinstance(value, list) and key.startswith("llama."):
+            if len(set(value)) != 1:
+                raise GGUFError(f"{key} varies per layer ({value}) in {self.path!r}: only uniform layers are supported")
+            value = value[0]
+        return value
+
+    def require(self, key: str) -> Any:
+        if key not in self.values:
+            raise GGUFError(f"GGUF metadata of {self.path!r} is missing required key {key!r}")
+        return self.get(key)
+
+    def heads(self) -> tuple[int, int]:
+        n_head = int(self.require("llama.attention.head_count"))
+        return n_head, int(self.get("llama.attention.head_count_kv", n_head))
 
 
 def gguf_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The HF `config.json` equivalent of a Llama GGUF file, built from its metadata."""
-    reader = _open(path)
-    _check_architecture(reader, path)
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
+    gguf = _read_gguf(path)
+    meta = _Metadata(gguf, path)
+    if "token_embd.weight" not in gguf.tensors:
         raise GGUFError(f"{os.fspath(path)!r} has no token_embd.weight tensor")
 
-    hidden = int(_require(reader, "llama.embedding_length"))
-    n_head = int(_uniform(_require(reader, "llama.attention.head_count"), "llama.attention.head_count"))
-    n_kv = int(_uniform(_field(reader, "llama.attention.head_count_kv", n_head), "llama.attention.head_count_kv"))
-    head_dim = int(_field(reader, "llama.attention.key_length", hidden // n_head))
-    rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    hidden = int(meta.require("llama.embedding_length"))
+    n_head, n_kv = meta.heads()
+    head_dim = int(meta.get("llama.attention.key_length", hidden // n_head))
+    rope_dim = int(meta.get("llama.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise GGUFError(f"llama.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary is unsupported")
-    value_dim = int(_field(reader, "llama.attention.value_length", head_dim))
+    value_dim = int(meta.get("llama.attention.value_length", head_dim))
     if value_dim != head_dim:
         raise GGUFError(f"llama.attention.value_length={value_dim} != key_length={head_dim}: unsupported")
-    # token_embd is stored [hidden, vocab] in GGUF's (reversed) shape order
-    vocab = int(_field(reader, "llama.vocab_size", int(tensors["token_embd.weight"].shape[-1])))
-    rope_theta = float(_field(reader, "llama.rope.freq_base", 10000.0))
+    vocab = int(meta.get("llama.vocab_size", gguf.tensors["token_embd.weight"].shape[0]))
+    rope_theta = _float32(meta.get("llama.rope.freq_base", 10000.0))
 
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(_uniform(_require(reader, "llama.feed_forward_length"), "llama.feed_forward_length")),
-        "num_hidden_layers": int(_require(reader, "llama.block_count")),
+        "intermediate_size": int(meta.require("llama.feed_forward_length")),
+        "num_hidden_layers": int(meta.require("llama.block_count")),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": _float32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(reader, tensors, rope_theta, head_dim),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _eos_token_ids(reader),
+        "rope_scaling": _rope_scaling(meta, gguf.tensors.get(ROPE_FREQS), rope_theta, head_dim),
+        "max_position_embeddings": int(meta.get("llama.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _eos_token_ids(meta),
     }
 
 
-def _eos_token_ids(reader: GGUFReader) -> int | list[int] | None:
+def _eos_token_ids(meta: _Metadata) -> int | list[int] | None:
     # GGUF has one eos id plus optional end-of-turn / end-of-message ids (Llama 3's <|eot_id|> and
     # <|eom_id|>); HF lists them all in eos_token_id. One id stays an int, as in most config.json files.
     ids: list[int] = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        value = _field(reader, key)
+        value = meta.get(key)
         if value is not None and int(value) not in ids:
             ids.append(int(value))
     if not ids:
@@ -163,38 +264,39 @@ def _eos_token_ids(reader: GGUFReader) -> int | list[int] | None:
     return ids[0] if len(ids) == 1 else ids
 
 
-def _rope_scaling(reader: GGUFReader, tensors: dict, rope_theta: float, head_dim: int) -> dict | None:
-    kind = _field(reader, "llama.rope.scaling.type")
-    factor = _field(reader, "llama.rope.scaling.factor")
-    if kind is None and _field(reader, "llama.rope.scale_linear") is not None:
-        kind, factor = "linear", _field(reader, "llama.rope.scale_linear")  # pre-2024 key
-    if ROPE_FREQS in tensors:
+def _rope_scaling(meta: _Metadata, rope_freqs: _TensorInfo | None, rope_theta: float, head_dim: int) -> dict | None:
+    kind = meta.get("llama.rope.scaling.type")
+    factor = meta.get("llama.rope.scaling.factor")
+    if kind is None and meta.get("llama.rope.scale_linear") is not None:
+        kind, factor = "linear", meta.get("llama.rope.scale_linear")  # pre-2024 key
+    if rope_freqs is not None:
         if kind not in (None, "none"):
             raise GGUFError(f"GGUF has both {ROPE_FREQS} and llama.rope.scaling.type={kind!r}")
-        freqs = dequantize(tensors[ROPE_FREQS].data, tensors[ROPE_FREQS].tensor_type).reshape(-1).to(torch.float64)
-        return _llama3_rope_scaling(freqs, rope_theta, head_dim, reader)
+        divisors = dequantize(rope_freqs.data, rope_freqs.qtype).to(torch.float64)
+        original = int(meta.get("llama.rope.scaling.original_context_length", 8192))
+        return _llama3_rope_scaling(divisors, rope_theta, head_dim, original)
     if kind in (None, "none") or (kind == "linear" and float(factor) == 1.0):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": _float32(factor)}
     raise GGUFError(f"unsupported rope scaling llama.rope.scaling.type={kind!r} (supported: none, linear, llama3)")
 
 
-def _llama3_rope_scaling(freq_divisors: torch.Tensor, rope_theta: float, head_dim: int, reader) -> dict | None:
+def _llama3_rope_scaling(freq_divisors: torch.Tensor, rope_theta: float, head_dim: int, original: int) -> dict | None:
     """Recover HF's llama3 rope_scaling dict from llama.cpp's `rope_freqs` divisors.
 
     convert_hf_to_gguf computes, for each inverse frequency f with wavelength w = 2*pi/f:
     1 if w < L/high, `factor` if w > L/low, else 1 / ((1 - s)/factor + s) with s = (L/w - low)/(high - low),
     where L = original_max_position_embeddings. So `factor` is the largest divisor, and in the smooth band
     s is linear in 1/w: s = a/w - b with a = L/(high - low), b = low/(high - low). (L, low, high) scaled
-    together give the same divisors, so L is taken from the metadata (or Llama 3's 8192) and low/high
-    follow from a and b. The result is checked against the stored divisors.
+    together give the same divisors, so L is `original` (the GGUF's rope.scaling.original_context_length,
+    else Llama 3's 8192) and low/high follow from a and b. The result is checked against the divisors.
     """
     if freq_divisors.numel() != head_dim // 2:
         raise GGUFError(f"{ROPE_FREQS} has {freq_divisors.numel()} entries, expected head_dim/2 = {head_dim // 2}")
     if torch.allclose(freq_divisors, torch.ones_like(freq_divisors)):
         return None
-    factor = float(freq_divisors.max())
+    factor = _float32(freq_divisors.max().item())
     inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     inv_wavelen = inv_freq / (2 * math.pi)
     smooth = (1 / freq_divisors - 1 / factor) / (1 - 1 / factor)
@@ -202,16 +304,14 @@ def _llama3_rope_scaling(freq_divisors: torch.Tensor, rope_theta: float, head_di
     if int(band.sum()) < 2:
         raise GGUFError(f"cannot recover llama3 rope scaling from {ROPE_FREQS}: fewer than 2 smoothed frequencies")
     # least squares for s = a * (1/w) - b over the smooth band
-    A = torch.stack([inv_wavelen[band], -torch.ones_like(inv_wavelen[band])], dim=1)
-    a, b = torch.linalg.lstsq(A, smooth[band].unsqueeze(1)).solution.flatten().tolist()
-    original = int(_field(reader, "llama.rope.scaling.original_context_length", 8192))
+    lhs = torch.stack([inv_wavelen[band], -torch.ones_like(inv_wavelen[band])], dim=1)
+    a, b = torch.linalg.lstsq(lhs, smooth[band].unsqueeze(1)).solution.flatten().tolist()
     low = b * original / a
-    high = low + original / a
     scaling = {
         "rope_type": "llama3",
         "factor": factor,
         "low_freq_factor": round(low, 6),
-        "high_freq_factor": round(high, 6),
+        "high_freq_factor": round(low + original / a, 6),
         "original_max_position_embeddings": original,
     }
     rebuilt = llama3_rope_freq_divisors(scaling, rope_theta, head_dim)
@@ -309,21 +409,23 @@ _DEQUANT = {
 _BLOCKS_PER_CHUNK = 1 << 16  # bounds the fp32 temporaries when dequantizing a huge tensor
 
 
-def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
-    """Raw GGUF tensor data (as GGUFReader maps it) -> flat fp32 tensor.
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Raw GGUF tensor bytes (any shape; reinterpreted as uint8) -> flat fp32 tensor.
 
     Raises NotImplementedError for a type neither this module nor gguf.quants can dequantize.
     """
+    raw = raw.reshape(-1).view(np.uint8)
     if qtype == GGMLQuantizationType.F32:
-        return torch.from_numpy(data).reshape(-1).view(torch.float32).clone()
+        return torch.from_numpy(raw).view(torch.float32).clone()  # clone: not backed by the file map
     if qtype == GGMLQuantizationType.F16:
-        return torch.from_numpy(data).reshape(-1).view(torch.float16).float()
+        return torch.from_numpy(raw).view(torch.float16).float()
     if qtype == GGMLQuantizationType.BF16:
-        return torch.from_numpy(data).reshape(-1).view(torch.bfloat16).float()
-    if (fn := _DEQUANT.get(qtype)) is None:
-        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(data, qtype), dtype=np.float32)).reshape(-1)
+        return torch.from_numpy(raw).view(torch.bfloat16).float()
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = torch.from_numpy(data).reshape(-1).view(torch.uint8).reshape(-1, type_size)
+    if (fn := _DEQUANT.get(qtype)) is None:
+        # gguf.quants takes quantized types as [rows, bytes] uint8
+        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(raw.reshape(-1, type_size), qtype), dtype=np.float32)).reshape(-1)
+    blocks = torch.from_numpy(raw).reshape(-1, type_size)
     out = torch.empty(blocks.shape[0], block_size)
     for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK):
         out[start : start + _BLOCKS_PER_CHUNK] = fn(blocks[start : start + _BLOCKS_PER_CHUNK])
@@ -365,29 +467,17 @@ def iter_gguf_tensors(
     Tensors have HF checkpoint shapes ([out, in] for linears) and `dtype`; `lm_head.weight` only
     appears when the file has `output.weight` (otherwise embeddings are tied).
     """
-    reader = _open(path)
-    _check_architecture(reader, path)
-    n_head = int(_uniform(_require(reader, "llama.attention.head_count"), "llama.attention.head_count"))
-    n_kv = int(_uniform(_field(reader, "llama.attention.head_count_kv", n_head), "llama.attention.head_count_kv"))
-
-    tensors = [t for t in reader.tensors if t.name != ROPE_FREQS]  # rope_freqs is config, see module doc
+    gguf = _read_gguf(path)
+    n_head, n_kv = _Metadata(gguf, path).heads()
+    tensors = [t for t in gguf.tensors.values() if t.name != ROPE_FREQS]  # rope_freqs is config (module doc)
     for t in tqdm(tensors, desc=f"Loading {os.path.basename(os.fspath(path))}", unit="tensor", disable=not progress):
         hf_name = _hf_name(t.name)
         try:
-            w = dequantize(t.data, t.tensor_type)
+            w = dequantize(t.data, t.qtype).reshape(t.shape)
         except NotImplementedError as e:
-            raise GGUFError(f"tensor {t.name!r} has unsupported GGUF tensor type {_type_name(t.tensor_type)}") from e
-        # GGUF lists dimensions innermost first: reversed, they are the HF shape
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+            raise GGUFError(f"tensor {t.name!r} has unsupported GGUF tensor type {t.qtype.name}") from e
         if hf_name.endswith("q_proj.weight"):
             w = unpermute_rotary_rows(w, n_head)
         elif hf_name.endswith("k_proj.weight"):
             w = unpermute_rotary_rows(w, n_kv)
         yield hf_name, w.to(dtype)
-
-
-def _type_name(qtype: int) -> str:
-    try:
-        return GGMLQuantizationType(qtype).name
-    except ValueError:
-        return f"#{int(qtype)}"

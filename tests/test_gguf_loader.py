@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from engine.gguf_loader import GGUFError, dequantize, gguf_hf_config, iter_gguf_tensors
+from engine.gguf_loader import GGUFError, dequantize, gguf_hf_config, gguf_metadata, iter_gguf_tensors
 from tests.gguf_factory import random_llama_state_dict, write_llama_gguf
 
 SMOLLM2_GGUF = os.path.join(
@@ -26,15 +26,20 @@ SHARED_CONFIG_KEYS = [
 ]  # fmt: skip
 
 
-def transformers_gguf_state_dict(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) as transformers loads a GGUF: its own config parse, its own
-    dequantization (gguf.quants) and its own reverse of the q/k permutation."""
+def transformers_gguf_load(path: str) -> dict:
+    """What transformers parses from a GGUF ("config", "tokenizer", "tensors"): its own metadata
+    parse, its own dequantization (gguf.quants) and its own reverse of the q/k permutation."""
     # The model only gives transformers the GGUF -> HF name map (built on meta: no weights); the
-    # tensors are processed with the config transformers parses itself, returned as "config".
+    # tensors are processed with the config transformers parses itself.
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**gguf_hf_config(path)))
-    parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
-    return parsed["config"], parsed["tensors"]
+    return load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
+
+
+def assert_config_matches_transformers(cfg: dict, ref_config: dict) -> None:
+    # transformers keeps float32 metadata as is (rms_norm_eps 9.9999997e-06); we give back 1e-05
+    ours = {k: cfg[k] for k in SHARED_CONFIG_KEYS}
+    assert ours == pytest.approx({k: ref_config[k] for k in SHARED_CONFIG_KEYS}, rel=1e-6)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,8 +59,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    ours = dict(iter_gguf_tensors(SMOLLM2_GGUF, progress=False))
-    return ours, *transformers_gguf_state_dict(SMOLLM2_GGUF)
+    return dict(iter_gguf_tensors(SMOLLM2_GGUF, progress=False)), transformers_gguf_load(SMOLLM2_GGUF)
 
 
 def test_smollm2_config():
@@ -70,7 +74,7 @@ def test_smollm2_config():
         "num_attention_heads": 9,
         "num_key_value_heads": 3,
         "head_dim": 64,
-        "rms_norm_eps": pytest.approx(1e-5),  # stored as float32: 9.9999997e-06
+        "rms_norm_eps": 1e-5,  # stored as float32 9.9999997e-06, given back as config.json had it
         "rope_theta": 100000.0,
         "rope_scaling": None,
         "max_position_embeddings": 8192,
@@ -81,8 +85,9 @@ def test_smollm2_config():
 
 
 def test_smollm2_tensors_equal_transformers(smollm2):
-    ours, ref_config, ref = smollm2
-    assert {k: gguf_hf_config(SMOLLM2_GGUF)[k] for k in SHARED_CONFIG_KEYS} == {k: ref_config[k] for k in SHARED_CONFIG_KEYS}
+    ours, reference = smollm2
+    assert_config_matches_transformers(gguf_hf_config(SMOLLM2_GGUF), reference["config"])
+    ref = reference["tensors"]
     assert sorted(ours) == sorted(ref)
     assert len(ours) == 2 + 30 * 9 and "lm_head.weight" not in ours  # tied
     for name, ref_tensor in ref.items():
@@ -92,8 +97,18 @@ def test_smollm2_tensors_equal_transformers(smollm2):
         assert torch.equal(ours[name], ref_tensor), name
 
 
+def test_smollm2_metadata_equals_transformers(smollm2):
+    meta, ref = gguf_metadata(SMOLLM2_GGUF), smollm2[1]["tokenizer"]
+    assert meta["general.architecture"] == "llama"
+    assert meta["tokenizer.ggml.model"] == ref["tokenizer_type"] == "gpt2"
+    assert meta["tokenizer.ggml.tokens"] == ref["tokens"] and len(ref["tokens"]) == 49152
+    assert meta["tokenizer.ggml.merges"] == ref["merges"]
+    assert meta["tokenizer.ggml.token_type"] == ref["token_type"]
+    assert meta["tokenizer.chat_template"] == smollm2[1]["tokenizer_config"]["chat_template"]
+
+
 def test_smollm2_shapes_are_hf(smollm2):
-    ours = smollm2[0]
+    ours, _ = smollm2
     shapes = {name: tuple(t.shape) for name, t in ours.items() if ".layers.0." in name or "layers" not in name}
     assert shapes == {
         "model.embed_tokens.weight": (49152, 576),
@@ -146,12 +161,11 @@ def test_round_trip_each_type(tmp_path, qtype):
         tol = TOLERANCE[qtype] if w.ndim == 2 else 0.0  # norms stay F32
         assert err <= tol, f"{name}: relative error {err:.4g} > {tol} for {qtype.name}"
 
-    ref_config, ref = transformers_gguf_state_dict(path)
-    assert sorted(ref) == sorted(ours)
-    for name, ref_tensor in ref.items():
+    reference = transformers_gguf_load(path)
+    assert sorted(reference["tensors"]) == sorted(ours)
+    for name, ref_tensor in reference["tensors"].items():
         assert torch.equal(ours[name], ref_tensor), name
-    cfg = gguf_hf_config(path)
-    assert {k: cfg[k] for k in SHARED_CONFIG_KEYS} == {k: ref_config[k] for k in SHARED_CONFIG_KEYS}
+    assert_config_matches_transformers(gguf_hf_config(path), reference["config"])
 
 
 def test_dtype_argument(tmp_path):
@@ -173,8 +187,7 @@ def test_config_round_trip_llama3_rope_and_eos_list(tmp_path):
     cfg = gguf_hf_config(path)
     assert cfg["rope_scaling"] == rope_scaling
     assert cfg["eos_token_id"] == [2, 7, 9]
-    assert cfg == {"architectures": ["LlamaForCausalLM"], "model_type": "llama"} | hf | {"rms_norm_eps": cfg["rms_norm_eps"]}
-    assert cfg["rms_norm_eps"] == pytest.approx(1e-5)
+    assert cfg == {"architectures": ["LlamaForCausalLM"], "model_type": "llama"} | hf
     assert "rope_freqs.weight" not in dict(iter_gguf_tensors(path, progress=False))
 
 
@@ -239,9 +252,13 @@ def test_not_a_gguf_file(tmp_path):
 
 def test_truncated_gguf(tmp_path):
     path = write_llama_gguf(tmp_path / "full.gguf", TINY, random_llama_state_dict(TINY))
+    data = open(path, "rb").read()
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(open(path, "rb").read()[:5000])
-    with pytest.raises(GGUFError, match="truncated or corrupt"):
+    truncated.write_bytes(data[:100])  # inside the metadata
+    with pytest.raises(GGUFError, match="not a readable GGUF file \\(truncated or corrupt\\?\\)"):
+        gguf_hf_config(truncated)
+    truncated.write_bytes(data[:-1000])  # inside the tensor data
+    with pytest.raises(GGUFError, match="is truncated: tensor 'output.weight' ends at byte"):
         gguf_hf_config(truncated)
 
 
