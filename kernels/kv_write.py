@@ -5,40 +5,13 @@ block_id * block_size + offset, and a negative slot means "skip" (padding tokens
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
 
-from kernels.backend import interpreting, use_triton
+from kernels.backend import use_triton
 from kernels.fp8 import FP8_DTYPE, round_to_e4m3
 from kernels.quantize import round_to_e4m3_tl
-
-_CONVERTED: dict = {}
-
-
-def for_backend(kernel):
-    """The kernel in the form the current mode launches. `@triton.jit` picks compiled or interpreted when
-    the module is imported, but TRITON_INTERPRET may change afterwards (tests set it per test with
-    monkeypatch so that it never leaks into other test modules of the same xdist worker). Re-wrap the
-    Python function at call time when the mode differs; the jit'd helpers it calls (round_to_e4m3_tl)
-    are re-wrapped too, in a private copy of the module globals."""
-    if interpreting() == isinstance(kernel, InterpretedFunction):
-        return kernel
-    if kernel not in _CONVERTED:
-        wrap = InterpretedFunction if interpreting() else JITFunction
-        fn = kernel.fn
-        scope = dict(fn.__globals__)
-        for name, value in scope.items():
-            if isinstance(value, (JITFunction, InterpretedFunction)) and not isinstance(value, wrap):
-                scope[name] = wrap(value.fn)
-        fn = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-        _CONVERTED[kernel] = wrap(fn)
-    return _CONVERTED[kernel]
-
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernel: one program per new token, all KV heads at once
@@ -83,7 +56,7 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1
         f"caches must share strides, contiguous in D: {k_cache.stride()} {v_cache.stride()}")
     assert slot_mapping.dtype == torch.int64, f"slot_mapping dtype {slot_mapping.dtype}, want int64"
     fp8 = k_cache.dtype == FP8_DTYPE
-    for_backend(write_kv_kernel)[(t,)](
+    write_kv_kernel[(t,)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         slot_mapping, float(k_scale), float(v_scale),
