@@ -48,7 +48,7 @@ def time_transformers(new_tokens: int, runs: int, prompt_ids: list[int]) -> tupl
     from transformers import AutoModelForCausalLM
 
     path = resolve_model("smollm2-135m-instruct").path
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     x = torch.tensor([prompt_ids])
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     with torch.inference_mode():

@@ -9,6 +9,14 @@ from torch import nn
 
 QUANT_SCHEMES = ("none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
 
+# scheme -> (weight scale granularity, activation granularity or None for high-precision activations)
+SCHEME_GRANULARITY = {
+    "fp8": ("channel", "token"),
+    "fp8-tensor": ("tensor", "tensor"),
+    "fp8-block": ("block", "group"),
+    "fp8-weight-only": ("channel", None),
+}
+
 
 @dataclass(slots=True)
 class QuantConfig:
@@ -35,7 +43,15 @@ class QuantConfig:
 
 
 class Linear(nn.Module):
-    """y = x @ W.T (+ b). Weights arrive in high precision and are quantized once in `finalize()`."""
+    """y = x @ W.T (+ b). Weights arrive in high precision and are quantized once in `finalize()`.
+
+    FP8 schemes keep `weight_fp8` (e4m3) and `weight_scale` (fp32). How they compute:
+    - CUDA: activations are quantized by `kernels.quantize_fp8` and multiplied by `kernels.fp8_gemm`
+      (Triton), scales applied in the GEMM's epilogue.
+    - CPU: `weight` is replaced by its dequantized copy (exactly the FP8 grid times its scale, in fp32)
+      and activations are quantize-dequantized with the same numerics (`fake_quantize_fp8`), so one
+      fp32 matmul reproduces the FP8 result up to summation order (design.md, Backends).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, quant: QuantConfig, name: str):
         super().__init__()
@@ -43,12 +59,60 @@ class Linear(nn.Module):
         self.scheme = quant.scheme if quant.applies_to(name) else "none"
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.weight_fp8: torch.Tensor | None = None
+        self.weight_scale: torch.Tensor | None = None
+        self.input_scale: torch.Tensor | None = None  # static activation scale (fp8-tensor checkpoints)
+
+    @property
+    def weight_granularity(self) -> str | None:
+        return SCHEME_GRANULARITY[self.scheme][0] if self.scheme != "none" else None
+
+    @property
+    def act_granularity(self) -> str | None:
+        return SCHEME_GRANULARITY[self.scheme][1] if self.scheme != "none" else None
 
     def finalize(self) -> None:
-        """Called once after the weights are loaded."""
+        """Called once after the weights are loaded: quantize the weight for FP8 schemes."""
+        if self.scheme == "none" or self.weight_fp8 is not None:
+            return
+        from kernels.fp8 import quantize_weight
+
+        try:
+            w_fp8, scale = quantize_weight(self.weight.data, self.weight_granularity)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from e
+        self.set_fp8_weight(w_fp8, scale)
+
+    def set_fp8_weight(self, w_fp8: torch.Tensor, scale: torch.Tensor) -> None:
+        """Install an e4m3 weight [N, K] and its scale (from finalize() or a pre-quantized checkpoint)."""
+        from kernels.fp8 import dequantize_fp8
+
+        self.weight_fp8, self.weight_scale = w_fp8, scale.float()
+        if w_fp8.is_cuda:
+            self.weight = None  # the Triton GEMM reads the e4m3 weight directly
+        else:
+            self.weight = nn.Parameter(dequantize_fp8(w_fp8, self.weight_scale), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        if self.scheme == "none":
+            return nn.functional.linear(x, self.weight, self.bias)
+        act = self.act_granularity
+        if not x.is_cuda:
+            from kernels.quantize import fake_quantize_fp8
+
+            if act is not None:
+                x = fake_quantize_fp8(x, act, scale=self.input_scale)
+            return nn.functional.linear(x, self.weight, self.bias)
+        from kernels import fp8_gemm, quantize_fp8
+        from kernels.fp8 import dequantize_fp8
+
+        if act is None:  # weight-only: dequantize on the fly (a fused W8A16 kernel is future work)
+            w = dequantize_fp8(self.weight_fp8, self.weight_scale).to(x.dtype)
+            return nn.functional.linear(x, w, self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        xq, xs = quantize_fp8(x2, act, scale=self.input_scale)
+        out = fp8_gemm(xq, self.weight_fp8, xs, self.weight_scale, out_dtype=x.dtype, bias=self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, scheme={self.scheme}"

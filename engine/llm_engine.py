@@ -59,7 +59,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max(config.max_num_batched_tokens, config.block_size),
                                    config.max_num_seqs)
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
-        self.sampler = Sampler(seed=config.seed, device=self.device)
+        self.sampler = Sampler(seed=config.seed)
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache %s: %d blocks x %d = %d tokens",
@@ -145,12 +145,10 @@ class LLMEngine:
                                 self._eos_ids(s.params)) for s in seqs]
             sampled = self.sampler(step_logits.sample_logits, rows)
             token_ids = sampled.token_ids.tolist()
-            want_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-            if want_lp:
-                k = max(seqs[i].params.logprobs for i in want_lp)
-                lp = compute_logprobs(step_logits.sample_logits[want_lp], sampled.token_ids[want_lp], k)
-                for j, i in enumerate(want_lp):
-                    self._record_logprobs(seqs[i], token_ids[i], lp, j)
+            for seq, lp in zip(seqs, sampled.logprobs):
+                if lp is not None:
+                    seq.logprobs.append(logprob_dict([lp.token_id] + lp.top_ids, [lp.logprob] + lp.top_logprobs,
+                                                     [lp.rank] + list(range(1, len(lp.top_ids) + 1)), self.tokenizer))
             now = time.monotonic()
             for seq, token in zip(seqs, token_ids):
                 request = self.requests[seq.request_id]
@@ -158,6 +156,8 @@ class LLMEngine:
                     self._finish(seq, "length", None)
                 else:
                     self._append_token(request, seq, token)
+                if seq.is_finished:
+                    request.texts[seq.index].flush()
                 request.first_token_time = request.first_token_time or now
                 request.last_token_time = now
                 touched[seq.request_id] = request
@@ -191,14 +191,6 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
-
-    def _record_logprobs(self, seq: Sequence, token: int, lp, row: int) -> None:
-        token_lp, token_rank, top_ids, top_lps = lp
-        k = seq.params.logprobs
-        ids = [token] + top_ids[row, :k].tolist()
-        lps = [float(token_lp[row])] + top_lps[row, :k].tolist()
-        ranks = [int(token_rank[row])] + list(range(1, k + 1))
-        seq.logprobs.append(logprob_dict(ids, lps, ranks, self.tokenizer))
 
     def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
         targets = torch.tensor(seq.prompt_token_ids[first:first + logits.shape[0]], device=logits.device)

@@ -45,6 +45,11 @@ class SequenceText:
         self.stopped_by = s
         return s
 
+    def flush(self) -> None:
+        """At the end of the sequence: append text held back for an unfinished character."""
+        if self.stopped_by is None:
+            self.text += self.detokenizer.flush()
+
     def visible(self, finished: bool) -> str:
         if finished or not self.hold_back:
             return self.text

@@ -65,4 +65,4 @@ def make_checkpoint(path: Path, style: str, seed: int = 0, **kwargs) -> Path:
 def load_reference(path: Path):
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
