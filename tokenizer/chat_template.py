@@ -14,6 +14,13 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 
+# How the model is asked to call tools: the Llama 3.x JSON form that `parse_tool_calls` reads.
+TOOL_INSTRUCTIONS = (
+    "You have access to the following functions. To call a function, respond with JSON of the form "
+    '{"name": function name, "parameters": dictionary of argument name and its value}. '
+    'To call several, separate them with "; ". Do not use variables.'
+)
+
 # Llama 3.x prompt format (Meta's documented layout): a system block with the knowledge-cutoff header,
 # tool definitions in the system block, tool calls as JSON objects, tool results under the `ipython`
 # role. Used when a checkpoint ships no chat template. `date_string` can be passed as a render kwarg.
@@ -31,21 +38,13 @@ LLAMA3_CHAT_TEMPLATE = r"""
 {%- if tools %}{{ "Environment: ipython\n" }}{% endif %}
 {{- "Cutting Knowledge Date: December 2023\nToday Date: " + date_string + "\n\n" }}
 {%- if tools %}
-    {{- "You have access to the following functions. To call a function, respond with JSON of the form "
-        + '{"name": function name, "parameters": dictionary of argument name and its value}. '
-        + 'To call several, separate them with "; ". Do not use variables.\n\n' }}
+    {{- TOOL_INSTRUCTIONS + "\n\n" }}
     {%- for tool in tools %}{{ tool | tojson(indent=4) + "\n\n" }}{% endfor %}
 {%- endif %}
 {{- system_text + "<|eot_id|>" }}
 {%- for message in conversation %}
     {%- if message.role == "tool" %}
-        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
-        {%- if message.content is mapping or (message.content is iterable and message.content is not string) %}
-            {{- message.content | tojson }}
-        {%- else %}
-            {{- message.content }}
-        {%- endif %}
-        {{- "<|eot_id|>" }}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" + message.content + "<|eot_id|>" }}
     {%- elif message.role == "assistant" and message.tool_calls %}
         {{- "<|start_header_id|>assistant<|end_header_id|>\n\n" }}
         {%- if message.content %}{{ message.content | trim + "\n" }}{% endif %}
@@ -59,7 +58,7 @@ LLAMA3_CHAT_TEMPLATE = r"""
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{ "<|start_header_id|>assistant<|end_header_id|>\n\n" }}{% endif %}
-"""
+""".replace("TOOL_INSTRUCTIONS", json.dumps(TOOL_INSTRUCTIONS))  # as a Jinja string literal
 
 
 def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,11 +174,7 @@ def inline_tool_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
     """Instructions offering `tools`, for templates that do not render tools themselves."""
     definitions = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return (
-        "You have access to the following functions. To call a function, respond with JSON of the form "
-        '{"name": function name, "parameters": dictionary of argument name and its value}. '
-        'To call several, separate them with "; ". Do not use variables.\n\n' + definitions
-    )
+    return f"{TOOL_INSTRUCTIONS}\n\n{definitions}"
 
 
 def add_tools_system_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
