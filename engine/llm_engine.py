@@ -77,16 +77,7 @@ class LLMEngine:
                     prompt: str | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        n_prompt = len(prompt_token_ids)
-        if n_prompt >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {n_prompt} tokens, but max_model_len is {self.max_model_len} "
-                                     f"(at least one token must fit after the prompt)")
+        self.check_request(prompt_token_ids, params)
         seqs = []
         for i in range(params.n):
             generator = make_generator(params.seed + i, self.device) if params.seed is not None else None
@@ -97,6 +88,22 @@ class LLMEngine:
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), params, seqs, self.tokenizer)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (PromptTooLongError for lengths) when a request cannot run; changes nothing."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {n_prompt} tokens, but max_model_len is {self.max_model_len} "
+                                     f"(at least one token must fit after the prompt)")
+        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {n_prompt} tokens and max_tokens is {params.max_tokens}: "
+                                     f"{n_prompt + params.max_tokens} tokens exceed max_model_len {self.max_model_len}")
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (no-op for unknown or finished ids)."""
