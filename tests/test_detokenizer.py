@@ -39,8 +39,8 @@ def smol() -> Tokenizer:
 @pytest.fixture(scope="module")
 def byte_fallback() -> Tokenizer:
     """A Llama-2-like tokenizer: a few word pieces, every other character as <0xXX> byte tokens."""
-    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)),
-              "▁", "H", "e", "l", "o", "w", "r", "d", "!", "He", "ll", "llo", "Hello", "▁w", "▁wo", "▁wor", "ld", "▁world"]
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", "H", "e", "l", "o", "w", "r", "d",
+              "!", "He", "ll", "llo", "Hello", "▁w", "▁wo", "▁wor", "ld", "▁world"]
     vocab = {piece: i for i, piece in enumerate(pieces)}
     merges = [("H", "e"), ("l", "l"), ("ll", "o"), ("He", "llo"), ("▁", "w"), ("▁w", "o"), ("▁wo", "r"), ("l", "d"),
               ("▁wor", "ld")]

@@ -107,7 +107,9 @@ def _content_text(where: str, content: Any) -> str:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}}; got {part!r:.80}")
+                raise ValueError(
+                    f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}}; got {part!r:.80}"
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise ValueError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
