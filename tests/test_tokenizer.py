@@ -137,6 +137,17 @@ def test_file_that_is_not_gguf(tmp_path):
         load_tokenizer(path)
 
 
+def test_truncated_gguf(tmp_path):
+    path = tmp_path / "truncated.gguf"
+    with open(SMOLLM2_GGUF, "rb") as f:
+        path.write_bytes(f.read(100_000))  # cut inside the vocabulary array
+    with pytest.raises(ValueError, match="truncated or corrupt GGUF header"):
+        load_tokenizer(path)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_tokenizer(tmp_path / "empty.gguf")
+
+
 def _write_gguf(path: Path, fill) -> None:
     writer = gguf.GGUFWriter(str(path), "llama")
     fill(writer)

@@ -24,27 +24,41 @@ class GGUFArray(int):
 
 
 def read_gguf_metadata(path: str | PathLike) -> dict[str, object]:
-    """Every key/value of the GGUF header; arrays come back as `GGUFArray(count)`."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
-        (version,) = struct.unpack_from("<I", buf, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-        _tensor_count, kv_count = struct.unpack_from("<QQ", buf, 8)
-        pos = 24
-        metadata: dict[str, object] = {}
-        for _ in range(kv_count):
-            key, pos = _read_string(buf, pos)
-            (value_type,) = struct.unpack_from("<I", buf, pos)
-            value, pos = _read_value(buf, pos + 4, value_type)
-            metadata[key] = value
-        return metadata
+    """Every key/value of the GGUF header; arrays come back as `GGUFArray(count)`.
+
+    Raises ValueError for a file that is not GGUF, an old (v1) GGUF, or a truncated header.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return _read_header(buf, path)
+            except struct.error as e:
+                raise ValueError(f"{path}: truncated or corrupt GGUF header ({e})") from None
+
+
+def _read_header(buf: mmap.mmap, path: str | PathLike) -> dict[str, object]:
+    (version,) = struct.unpack_from("<I", buf, 4)
+    if version < 2:
+        raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
+    _tensor_count, kv_count = struct.unpack_from("<QQ", buf, 8)
+    pos = 24
+    metadata: dict[str, object] = {}
+    for _ in range(kv_count):
+        key, pos = _read_string(buf, pos)
+        (value_type,) = struct.unpack_from("<I", buf, pos)
+        value, pos = _read_value(buf, pos + 4, value_type)
+        metadata[key] = value
+    return metadata
 
 
 def _read_string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
     (length,) = struct.unpack_from("<Q", buf, pos)
     start = pos + 8
+    if start + length > len(buf):
+        raise struct.error(f"string of {length} bytes at byte {pos} runs past the end of the file")
     return buf[start:start + length].decode("utf-8", errors="replace"), start + length
 
 
