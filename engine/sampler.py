@@ -12,17 +12,17 @@ What happens to a row's logits, in this order (each step acts on the result of t
   6. top_k keeps the k most likely tokens; then top_p keeps the smallest set of most likely tokens
      whose probability reaches top_p (never empty: the most likely token always stays); then min_p
      drops the tokens less likely than min_p times the most likely one.
-  7. The draw: inverse-CDF sampling with one uniform number per row, taken from the row's own
-     generator when the request has a seed, so a seeded request gets the same tokens whatever
-     else is in the batch.
+  7. The draw: inverse-CDF sampling from uniform numbers taken from the row's own generator when
+     the request has a seed (a fixed count per row per step), so a seeded request gets the same
+     tokens whatever else is in the batch.
 
 Logprobs are computed from the raw logits (log_softmax of the model's output, before any step
 above), the same convention as vLLM.
 
-Batching: rows are grouped by the work they need (greedy, full-vocabulary draw, top_k, top_p) and
-each group is handled with tensor operations; no step runs for rows that do not need it. Sorting the
-vocabulary is the classic cost of top_p; here top_p rows take the 64 best tokens first and look
-further (x8) only for rows whose nucleus does not fit, so a peaked distribution never pays for a sort.
+Batching: rows are grouped by the work they need (greedy; top_k; top_p without top_k; neither) and
+each group is handled with tensor operations over its rows; a row never pays for a step it does not
+use, and nothing sorts the vocabulary: top_k rows take their best k (torch.topk) and temperature is
+applied to those k only; top_p rows use sorting-free rejection sampling (see `_sample_vocabulary`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
-_FIRST_NUCLEUS_WIDTH = 64  # candidates first tried for a top_p row; x8 per retry for rows that need more
+_TOP_K_WIDTHS = (64, 256, 1000)  # top_k rows are grouped by the smallest of these that holds their k
+_NUCLEUS_TRIES = 16  # rejection tries for a top_p row before the exact sorted path (each succeeds w.p. >= top_p)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -163,7 +164,7 @@ def _check_token(token: int, vocab_size: int, field: str) -> None:
 
 
 def candidate_weights(
-    sorted_logits: torch.Tensor,
+    sorted_weights: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     min_p: torch.Tensor,
@@ -171,17 +172,15 @@ def candidate_weights(
 ) -> torch.Tensor:
     """Apply top_k, top_p and min_p to candidates sorted most likely first.
 
-    sorted_logits: [N, K] temperature-scaled logits, descending. top_k [N] int (0 = off),
-    top_p [N], min_p [N]. mass [N]: the row's whole unnormalised probability mass (sum over the full
-    vocabulary of exp(logit - max)) when the candidates are only its best K tokens and top_k is off;
-    None when the candidates hold everything that top_k can keep.
-    Returns unnormalised probabilities [N, K], 0 where filtered; the kept tokens are a prefix.
+    sorted_weights: [N, K] unnormalised probabilities exp((logit - max) / temperature), descending,
+    so the first is 1. top_k [N] int (0 = off), top_p [N], min_p [N]. mass [N]: the row's total
+    weight over the whole vocabulary when top_k is off and the candidates are not all the tokens;
+    None when the candidates hold everything top_k can keep.
+    Returns the weights [N, K] with 0 where filtered; the kept tokens are a prefix.
     """
-    num_candidates = sorted_logits.shape[1]
-    weights = (sorted_logits - sorted_logits[:, :1]).exp()  # the most likely token has weight 1
-    position = torch.arange(num_candidates, device=sorted_logits.device)
-    keep_k = torch.where(top_k > 0, top_k, num_candidates)
-    weights = weights.masked_fill(position >= keep_k[:, None], 0.0)
+    position = torch.arange(sorted_weights.shape[1], device=sorted_weights.device)
+    keep_k = torch.where(top_k > 0, top_k, sorted_weights.shape[1])
+    weights = sorted_weights.masked_fill(position >= keep_k[:, None], 0.0)
     if mass is None:
         mass = weights.sum(dim=-1)
     # top_p: keep a token while the probability of the tokens before it is still below top_p; this is
@@ -204,52 +203,56 @@ def draw_from_weights(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
     return torch.searchsorted(cumulative, target[:, None]).squeeze(1)
 
 
-def _sample_full(x: torch.Tensor, min_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Rows without top_k/top_p: draw over the whole vocabulary. Overwrites x [N, V]."""
-    weights = x.sub_(x.max(dim=-1, keepdim=True).values).exp_()
-    if bool((min_p > 0).any()):
-        weights.masked_fill_(weights < min_p[:, None], 0.0)
-    cumulative = weights.cumsum_(dim=-1)
-    target = uniform * cumulative[:, -1]
-    return torch.searchsorted(cumulative, target[:, None]).squeeze(1)
+def _sample_top_k(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor, uniform: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows with top_k <= width: everything they may keep is among their `width` best tokens.
 
-
-def _sample_top_k(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  uniform: torch.Tensor, max_top_k: int) -> torch.Tensor:
-    """Rows with top_k: everything that may be kept is among the max_top_k best tokens."""
-    sorted_logits, token_ids = x.topk(min(max_top_k, x.shape[1]), dim=-1)
-    weights = candidate_weights(sorted_logits, top_k, top_p, min_p)
+    Temperature does not change the order, so it is applied to those candidates only.
+    """
+    best_logits, token_ids = x.topk(min(width, x.shape[1]), dim=-1)  # [N, width], descending
+    weights = ((best_logits - best_logits[:, :1]) / temperature[:, None]).exp()
+    weights = candidate_weights(weights, top_k, top_p, min_p)
     return token_ids.gather(1, draw_from_weights(weights, uniform)[:, None]).squeeze(1)
 
 
-def _sample_nucleus(x: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                    uniform: torch.Tensor) -> torch.Tensor:
-    """Rows with top_p but no top_k: widen the candidates until each row's nucleus fits."""
-    vocab_size = x.shape[1]
-    log_mass = x.logsumexp(dim=-1)
-    no_top_k = torch.zeros_like(top_p, dtype=torch.long)
+def _sample_vocabulary(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None,
+                       min_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Rows without top_k: a draw over the whole vocabulary, with top_p but without sorting.
+
+    top_p by rejection with a rising floor (the sorting-free top-p sampling of FlashInfer): draw
+    among the tokens above the floor; the draw is in the nucleus when the tokens more likely than it
+    hold less than top_p of the mass, and is kept; otherwise the floor rises to its weight and the row
+    draws again. Every candidate set still holds the whole nucleus, so a kept draw follows the nucleus
+    distribution exactly; each try succeeds with probability >= top_p. Rows still drawing after
+    the last try take the exact sorted path. top_p None: no row has top_p, every first draw is kept.
+    x [N, V] is overwritten; uniforms [N, tries + 1].
+    """
+    weights = x.sub_(x.amax(dim=-1, keepdim=True)).div_(temperature[:, None]).exp_()  # [N, V], max 1
+    mass = weights.sum(dim=-1) if top_p is not None else None  # before min_p: top_p comes first
+    if bool((min_p > 0).any()):
+        weights.masked_fill_(weights < min_p[:, None], 0.0)
     tokens = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     pending = torch.arange(x.shape[0], device=x.device)
-    width = _FIRST_NUCLEUS_WIDTH
-    while True:
-        width = min(width, vocab_size)
-        sorted_logits, token_ids = x.topk(width, dim=-1)
-        mass = (log_mass - sorted_logits[:, 0]).exp()
-        weights = candidate_weights(sorted_logits, no_top_k, top_p, min_p, mass)
-        drawn = token_ids.gather(1, draw_from_weights(weights, uniform)[:, None]).squeeze(1)
-        if width == vocab_size:
-            tokens[pending] = drawn
+    candidates = weights
+    for attempt in range(uniforms.shape[1] - 1):
+        drawn = draw_from_weights(candidates, uniforms[:, attempt])
+        if top_p is None:
+            return drawn
+        drawn_weight = weights.gather(1, drawn[:, None])  # [n, 1]
+        more_likely = torch.where(weights > drawn_weight, weights, 0.0).sum(dim=-1)
+        in_nucleus = more_likely < top_p * mass
+        tokens[pending[in_nucleus]] = drawn[in_nucleus]
+        if bool(in_nucleus.all()):  # one host sync per try, not per row
             return tokens
-        # The nucleus fits when the token after the last candidate would be cut by top_p.
-        candidate_mass = (sorted_logits - sorted_logits[:, :1]).exp().sum(dim=-1)
-        fits = candidate_mass >= top_p * mass
-        tokens[pending[fits]] = drawn[fits]
-        if bool(fits.all()):  # one host sync per retry, not per row
-            return tokens
-        retry = ~fits
-        x, top_p, min_p, uniform = x[retry], top_p[retry], min_p[retry], uniform[retry]
-        log_mass, no_top_k, pending = log_mass[retry], no_top_k[retry], pending[retry]
-        width *= 8
+        retry = ~in_nucleus
+        pending, weights, mass, top_p = pending[retry], weights[retry], mass[retry], top_p[retry]
+        min_p, uniforms = min_p[retry], uniforms[retry]
+        candidates = weights.masked_fill(weights <= drawn_weight[retry], 0.0)
+    sorted_weights, token_ids = weights.sort(dim=-1, descending=True)
+    no_top_k = torch.zeros_like(pending)
+    kept = candidate_weights(sorted_weights, no_top_k, top_p, min_p, mass)
+    tokens[pending] = token_ids.gather(1, draw_from_weights(kept, uniforms[:, -1])[:, None]).squeeze(1)
+    return tokens
 
 
 def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -261,15 +264,15 @@ def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     x = logits.float().clone()
     apply_logit_bias_and_min_tokens(x, rows)
     apply_penalties(x, rows)
-    greedy = torch.tensor([row.params.greedy for row in rows], device=x.device)
-    temperature = torch.tensor([1.0 if row.params.greedy else row.params.temperature for row in rows])
-    x /= temperature.to(x.device)[:, None]
+    device = x.device
+    greedy = torch.tensor([row.params.greedy for row in rows], device=device)
+    temperature = torch.tensor([1.0 if row.params.greedy else row.params.temperature for row in rows], device=device)
     sorted_x, order = x.sort(dim=-1, descending=True)
     weights = candidate_weights(
-        sorted_x,
-        torch.tensor([row.params.top_k for row in rows], device=x.device),
-        torch.tensor([row.params.top_p for row in rows], device=x.device),
-        torch.tensor([row.params.min_p for row in rows], device=x.device),
+        ((sorted_x - sorted_x[:, :1]) / temperature[:, None]).exp(),
+        torch.tensor([row.params.top_k for row in rows], device=device),
+        torch.tensor([row.params.top_p for row in rows], device=device),
+        torch.tensor([row.params.min_p for row in rows], device=device),
     )
     probs = torch.zeros_like(x).scatter_(1, order, weights)
     probs /= probs.sum(dim=-1, keepdim=True)
@@ -345,43 +348,49 @@ class Sampler:
     def _sample(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, truncation and the draw for rows [N, V] of scratch logits."""
         device = x.device
-        temperature = torch.tensor([row.params.temperature for row in rows], device=device)
-        if bool((temperature != 1.0).any()):
-            x.div_(temperature[:, None])
-        uniform = self._uniforms(rows, device)
-        top_k = torch.tensor([row.params.top_k for row in rows], device=device)
-        top_p = torch.tensor([row.params.top_p for row in rows], device=device)
-        min_p = torch.tensor([row.params.min_p for row in rows], device=device)
-
-        by_top_k = [i for i, row in enumerate(rows) if row.params.top_k > 0]
-        by_top_p = [i for i, row in enumerate(rows) if row.params.top_k == 0 and row.params.top_p < 1.0]
-        full = [i for i, row in enumerate(rows) if row.params.top_k == 0 and row.params.top_p == 1.0]
+        uniforms = self._uniforms(rows, device)  # [N, tries + 1]
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-        if by_top_k:
-            index = _index(by_top_k, device)
-            max_top_k = max(rows[i].params.top_k for i in by_top_k)
-            tokens[index] = _sample_top_k(_rows(x, by_top_k), top_k[index], top_p[index], min_p[index],
-                                          uniform[index], max_top_k)
-        if by_top_p:
-            index = _index(by_top_p, device)
-            tokens[index] = _sample_nucleus(_rows(x, by_top_p), top_p[index], min_p[index], uniform[index])
-        if full:
-            index = _index(full, device)
-            tokens[index] = _sample_full(_rows(x, full), min_p[index], uniform[index])
+
+        def column(name: str, positions: list[int]) -> torch.Tensor:
+            return torch.tensor([getattr(rows[i].params, name) for i in positions], device=device)
+
+        # Rows with top_k, grouped by how many candidates they need (at most 999).
+        for low, width in zip((0,) + _TOP_K_WIDTHS, _TOP_K_WIDTHS):
+            group = [i for i, row in enumerate(rows) if low < row.params.top_k <= width]
+            if group:
+                index = _index(group, device)
+                tokens[index] = _sample_top_k(
+                    _rows(x, group), column("temperature", group), column("top_k", group),
+                    column("top_p", group), column("min_p", group), uniforms[index, 0], width,
+                )
+        # Rows without top_k: with top_p, then plain.
+        for with_top_p in (True, False):
+            group = [i for i, row in enumerate(rows) if row.params.top_k == 0 and (row.params.top_p < 1.0) == with_top_p]
+            if group:
+                index = _index(group, device)
+                tokens[index] = _sample_vocabulary(
+                    _rows(x, group), column("temperature", group), column("top_p", group) if with_top_p else None,
+                    column("min_p", group), uniforms[index],
+                )
         return tokens
 
     def _uniforms(self, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
-        """One number in (0, 1] per row: seeded rows from their own generator, the rest shared."""
-        uniform = torch.empty(len(rows), device=device)
+        """[N, tries + 1] numbers in (0, 1]: seeded rows from their own generator, the rest shared.
+
+        Every sampled row takes the same count every step, so a seeded row's stream does not depend
+        on which path its draw took or on the other rows.
+        """
+        count = _NUCLEUS_TRIES + 1
+        uniforms = torch.empty(len(rows), count, device=device)
         shared = [i for i, row in enumerate(rows) if row.generator is None]
         if shared:
-            uniform[_index(shared, device)] = torch.rand(
-                len(shared), device=device, generator=self.shared_generator(device)
+            uniforms[_index(shared, device)] = torch.rand(
+                len(shared), count, device=device, generator=self.shared_generator(device)
             )
         for i, row in enumerate(rows):
             if row.generator is not None:
-                uniform[i : i + 1] = torch.rand(1, device=device, generator=row.generator)
-        return 1.0 - uniform  # rand is in [0, 1); the draw needs u > 0
+                uniforms[i] = torch.rand(count, device=device, generator=row.generator)
+        return 1.0 - uniforms  # rand is in [0, 1); the draw needs u > 0
 
 
 def _has_penalty(params: SamplingParams) -> bool:

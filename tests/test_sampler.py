@@ -27,6 +27,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+import engine.sampler as sampler_module
 from engine.sampler import (
     Sampler,
     SamplingRow,
@@ -188,6 +189,7 @@ MIXES = {
     "temperature+top_p": dict(temperature=0.7, top_p=0.8),
     "top_k": dict(top_k=10, temperature=1.3),
     "min_p": dict(min_p=0.1),
+    "top_p+min_p": dict(temperature=1.2, top_p=0.7, min_p=0.15),
     "everything": dict(
         prompt=[0, 1, 2], output=[3, 3, 4], temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
         repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3, logit_bias={5: 2.0},
@@ -213,9 +215,14 @@ def test_draws_follow_the_processed_distribution(mix):
     assert chi_square_p_value(counts, reference_probs(logits, r)) > 1e-3
 
 
-@pytest.mark.parametrize(("scale", "top_p"), [(3.0, 0.99), (2.2, 0.99), (0.5, 0.95)])
-def test_top_p_draws_in_a_large_vocabulary(scale, top_p):
-    """Nuclei of 12, 378 and 1297 tokens: candidates 64, then 512, then 4096 -> the whole vocabulary."""
+@pytest.mark.parametrize(
+    ("scale", "top_p", "tries"),
+    [(3.0, 0.99, 16), (2.2, 0.99, 16), (0.5, 0.95, 16), (0.5, 0.05, 16), (2.2, 0.5, 1), (2.2, 0.99, 0)],
+)
+def test_top_p_draws_in_a_large_vocabulary(scale, top_p, tries, monkeypatch):
+    """Nuclei from 1 to ~1300 of 1500 tokens, drawn by rejection; `tries` 1 and 0 send rows that
+    are still drawing (all of them for 0) to the exact sorted path."""
+    monkeypatch.setattr(sampler_module, "_NUCLEUS_TRIES", tries)
     logits = random_logits(5, 1, 1500, scale=scale)[0]
     r = row(top_p=top_p, temperature=0.9)
     counts = draw_counts(Sampler(seed=12), logits, [r] * DRAWS)
