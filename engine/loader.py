@@ -92,13 +92,18 @@ def iter_checkpoint_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Te
 
         yield from iter_gguf_tensors(source.path)
         return
-    for file in _safetensors_files(source.path):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from e
+    files = _safetensors_files(source.path)
+    with tqdm(desc=f"loading {source.path.name}", unit="tensor", leave=False) as bar:
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    names = list(f.keys())
+                    bar.total = (bar.total or 0) + len(names)
+                    for name in names:
+                        yield name, f.get_tensor(name)
+                        bar.update(1)
+            except SafetensorError as e:
+                raise CheckpointError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from e
 
 
 # HF name suffix -> (fused parameter suffix, shard index); shards are stacked along dim 0.
@@ -117,13 +122,13 @@ def _shard_offsets(cfg: ModelConfig, fused: str) -> list[int]:
     return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
 
 
-def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], total: int | None = None) -> None:
+def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy checkpoint tensors into the model's (fused) parameters, checking names and shapes."""
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {n for n in params if not n.startswith("lm_head.") or not cfg.tie_word_embeddings}
     filled: dict[str, int] = {}  # parameter name -> number of shards copied
-    for name, tensor in tqdm(tensors, total=total, desc="loading weights", unit="tensor", leave=False):
+    for name, tensor in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue
         target, shard = _target_param(name)

@@ -1,0 +1,147 @@
+"""Batched generation throughput: fp8-turbo's continuous batching vs transformers' static batch.
+
+SmolLM2-135M-Instruct on CPU. For each concurrency N, N chat requests with mixed prompt lengths and
+mixed output lengths run at once (EOS ignored so both engines produce the same number of tokens).
+fp8-turbo: aggregate output tok/s, time to first token and inter-token latency (p50/p99), taken
+from per-request step timestamps. transformers: one left-padded `generate` call over the same
+prompts with max_new_tokens = the longest request (it cannot stop rows early), output tok/s counted
+on the tokens the requests asked for. Both run in this process, one after the other.
+
+    .venv/bin/python bench/throughput.py [--concurrency 1,8,32,64] [--max-tokens 64] [--scheme none]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.loader import resolve_model
+
+OUT = Path(__file__).parent / "out"
+TOPICS = ["the water cycle", "binary search", "the French revolution", "photosynthesis", "TCP handshakes",
+          "black holes", "sourdough bread", "public-key cryptography"]
+
+
+def make_prompts(llm: LLM, n: int, max_tokens: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, max_tokens) pairs: prompt lengths vary with the request, outputs 50-100% of max."""
+    out = []
+    for i in range(n):
+        detail = " Please be thorough and give examples." * (i % 4)
+        msg = [{"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} to a student.{detail}"}]
+        out.append((llm.tokenizer.apply_chat_template(msg), max_tokens // 2 + (i * 7) % (max_tokens // 2 + 1)))
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def run_ours(llm: LLM, prompts: list[tuple[list[int], int]]) -> dict:
+    engine = llm.engine
+    engine.block_manager.enable_prefix_caching = False  # every run computes its prompts
+    start = time.perf_counter()
+    times: dict[str, list[float]] = {}
+    for i, (ids, max_tokens) in enumerate(prompts):
+        engine.add_request(str(i), ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        times[str(i)] = []
+    produced: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter()
+            n = len(out.outputs[0].token_ids)
+            times[out.request_id].extend([now] * (n - produced.get(out.request_id, 0)))
+            produced[out.request_id] = n
+    wall = time.perf_counter() - start
+    ttft = [t[0] - start for t in times.values()]
+    itl = [b - a for t in times.values() for a, b in zip(t, t[1:])]
+    total = sum(produced.values())
+    return {"tok_s": total / wall, "wall_s": wall, "tokens": total, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+            "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99)}
+
+
+def run_transformers(model, prompts: list[tuple[list[int], int]]) -> dict:
+    width = max(len(ids) for ids, _ in prompts)
+    input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, (ids, _) in enumerate(prompts):  # left padding
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    new = max(m for _, m in prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    wall = time.perf_counter() - start
+    total = sum(m for _, m in prompts)
+    return {"tok_s": total / wall, "wall_s": wall, "tokens": total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--scheme", default="none", help="our quantization scheme (transformers runs fp32)")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+
+    llm = LLM("smollm2-135m-instruct", quantization=args.scheme, device="cpu", max_num_seqs=64)
+    ref = None
+    if not args.skip_transformers:
+        from transformers import AutoModelForCausalLM
+
+        path = resolve_model("smollm2-135m-instruct").path
+        ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    run_ours(llm, make_prompts(llm, 2, 4))  # warm-up
+    rows = []
+    for n in [int(c) for c in args.concurrency.split(",")]:
+        prompts = make_prompts(llm, n, args.max_tokens)
+        ours = run_ours(llm, prompts)
+        theirs = run_transformers(ref, prompts) if ref is not None else None
+        rows.append({"concurrency": n, "ours": ours, "transformers": theirs,
+                     "ratio": ours["tok_s"] / theirs["tok_s"] if theirs else None})
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"\nThroughput, SmolLM2-135M-Instruct ({args.scheme}) on CPU, up to {args.max_tokens} new tokens per request")
+    print(f"machine: {machine}\n")
+    print("| clients | ours tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | transformers tok/s | ratio |")
+    print("|---:|---:|---|---|---:|---:|")
+    for r in rows:
+        o, t = r["ours"], r["transformers"]
+        ref_s = f"{t['tok_s']:.1f}" if t else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        print(f"| {r['concurrency']} | {o['tok_s']:.1f} | {o['ttft_p50']:.2f} / {o['ttft_p99']:.2f} | "
+              f"{1e3 * o['itl_p50']:.0f} / {1e3 * o['itl_p99']:.0f} | {ref_s} | {ratio} |")
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "throughput.json").write_text(json.dumps({"benchmark": "throughput", "machine": machine, "scheme": args.scheme,
+                                                     "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [r["concurrency"] for r in rows]
+    ax.plot(xs, [r["ours"]["tok_s"] for r in rows], "o-", label="fp8-turbo (continuous batching)")
+    if ref is not None:
+        ax.plot(xs, [r["transformers"]["tok_s"] for r in rows], "s--", label="transformers generate (static batch)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.legend()
+    ax.set_title("SmolLM2-135M on CPU")
+    fig.tight_layout()
+    fig.savefig(OUT / "throughput.png", dpi=120)
+    print(f"wrote {OUT / 'throughput.json'} and {OUT / 'throughput.png'}")
+    print("\nKV capacity (SmolLM2, this run's budget):", llm.engine.kv_capacity_tokens, "tokens", llm.engine.kv_dtype)
+
+
+if __name__ == "__main__":
+    main()
