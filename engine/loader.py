@@ -165,7 +165,15 @@ def _target_param(hf_name: str) -> tuple[str, int | None]:
 
 
 def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
-    """Build on the meta device (no memory), allocate once on `device`, then stream weights in."""
+    """Build on the meta device (no memory), allocate once on `device`, then stream weights in.
+
+    A pre-quantized FP8 checkpoint (engine.fp8_checkpoint) decides the scheme itself and brings its
+    own e4m3 weights and scales; other checkpoints are quantized here by `Linear.finalize()`."""
+    from engine.fp8_checkpoint import Fp8Loader, detect
+
+    fp8_spec = detect(read_hf_config(source), cfg) if source.kind == "hf" else None
+    if fp8_spec is not None:
+        quant = fp8_spec.quant_config(quant)
     with torch.device("meta"):
         model = LlamaModel(cfg, quant).to(dtype)
     model = model.to_empty(device=device)
@@ -174,7 +182,13 @@ def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, devic
         for m in model.modules():
             if isinstance(m, Linear) and m.bias is not None:
                 m.bias.data.zero_()
-    load_weights(model, iter_checkpoint_tensors(source))
+    tensors = iter_checkpoint_tensors(source)
+    if fp8_spec is None:
+        load_weights(model, tensors)
+    else:
+        fp8_loader = Fp8Loader(fp8_spec, cfg)
+        load_weights(model, fp8_loader.filter(tensors))
+        fp8_loader.install(model)
     for m in model.modules():
         if isinstance(m, Linear):
             m.finalize()
