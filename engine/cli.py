@@ -100,6 +100,12 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args) -> int:
+    from engine.server import run_server
+
+    return run_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8-turbo", description="FP8 inference engine for Llama-family models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -116,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, max_tokens=256)
     p.add_argument("--system", default=None, help="an optional system message")
     p.set_defaults(func=cmd_chat)
+
+    from engine.protocol import API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, metrics)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (or set {API_KEY_ENV})")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--price-input", type=float, default=DEFAULT_PRICE_INPUT_PER_M,
+                   help="USD per million prompt tokens, for usage.estimated_cost")
+    p.add_argument("--price-output", type=float, default=DEFAULT_PRICE_OUTPUT_PER_M,
+                   help="USD per million generated tokens, for usage.estimated_cost")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

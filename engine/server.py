@@ -1,0 +1,480 @@
+"""The OpenAI-compatible HTTP server: chat and text completions (streaming too), models, health, metrics.
+
+One AsyncLLMEngine (one engine loop, continuous batching) serves every connection. A handler turns the
+body into token ids and SamplingParams, checks everything that can be checked before the first token
+(so bad requests get a 4xx, never a broken stream), then follows `AsyncLLMEngine.generate`. Leaving
+that generator early -- a client gone, an error -- aborts the request and frees its KV blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import AsyncLLMEngine, EngineDeadError
+from engine.llm_engine import LLMEngine, PromptTooLongError
+from engine.metrics import ServerMetrics
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.protocol import (API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M, APIError, ChatCompletionRequest, CompletionRequest, _SamplingFields, chat_logprobs,
+                             completion_logprobs, envelope, error_body, new_id, pydantic_error, usage, value_error)
+from engine.sampling_params import SamplingParams
+from tokenizer import parse_tool_calls
+
+logger = logging.getLogger("fp8_turbo")
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+_TOOL_CALL_STARTS = ("{", "[", "<|python_tag|>", "```")  # text that may become a tool call is held back
+
+
+class _Timing:
+    """Per-request latency bookkeeping feeding the TTFT / inter-token histograms."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float):
+        self.metrics, self.arrival = metrics, arrival
+        self.tokens = 0
+        self.last: float | None = None
+
+    def update(self, out: RequestOutput) -> None:
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        new = tokens - self.tokens
+        if new <= 0:
+            return
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            step = (now - self.last) / new
+            for _ in range(new):
+                self.metrics.itl.observe(step)
+        self.metrics.generation_tokens += new
+        self.tokens, self.last = tokens, now
+        if out.finished:
+            self.metrics.e2e.observe(now - self.arrival)
+
+
+class OpenAIServer:
+    def __init__(self, engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
+                 price_input_per_m: float = DEFAULT_PRICE_INPUT_PER_M,
+                 price_output_per_m: float = DEFAULT_PRICE_OUTPUT_PER_M, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = served_model_name
+        self.api_key = api_key.encode() if api_key else None
+        self.prices = (price_input_per_m, price_output_per_m)
+        self.max_body_bytes = max_body_bytes
+        self.aengine = AsyncLLMEngine(engine)
+        self.metrics = ServerMetrics(served_model_name)
+        self.created = int(time.time())
+
+    # ---- request plumbing -----------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+            raise APIError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length", "")
+        too_large = declared.isdigit() and int(declared) > self.max_body_bytes
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            too_large = too_large or size > self.max_body_bytes
+            if not too_large:
+                chunks.append(chunk)
+            # An oversized body is read to its end (and dropped) so the client gets the 413, not a reset.
+        if too_large:
+            raise APIError(413, f"the request body has {max(size, int(declared or 0))} bytes; "
+                                f"the limit is {self.max_body_bytes}", code="request_too_large")
+        try:
+            body = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
+                           code="invalid_json")
+        return body
+
+    @staticmethod
+    def parse(model: type[BaseModel], body: dict) -> Any:
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            raise pydantic_error(e) from None
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def sampling_params(self, req: _SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        try:
+            return req.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        except ValueError as e:
+            raise value_error(e) from None
+
+    def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        try:
+            self.engine.check_request(prompt_ids, params)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return usage(prompt_tokens, completion_tokens, *self.prices)
+
+    async def run_to_end(self, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                         arrival: float) -> RequestOutput:
+        """Follow a request to its last output; a client that goes away aborts it."""
+        timing = _Timing(self.metrics, arrival)
+        final = None
+        async with aclosing(self.aengine.generate(request_id, prompt_ids, params)) as outputs:
+            async for out in outputs:
+                timing.update(out)
+                final = out
+                if not out.finished and await request.is_disconnected():
+                    self.metrics.aborted_requests += 1
+                    raise APIError(499, "the client closed the connection", code="client_closed")
+        return final
+
+    # ---- chat completions -----------------------------------------------------------------------
+    def _tools(self, req: ChatCompletionRequest) -> list[dict] | None:
+        choice = req.tool_choice
+        if isinstance(choice, dict) or (choice is not None and choice not in ("none", "auto")):
+            raise APIError(400, f"tool_choice {choice!r} is not supported: use 'none' or 'auto'",
+                           param="tool_choice", code="unsupported_value")
+        if not req.tools or choice == "none":
+            return None
+        return req.tools
+
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        self.authorize(request)
+        req: ChatCompletionRequest = self.parse(ChatCompletionRequest, await self.read_json(request))
+        self.check_model(req.model)
+        tools = self._tools(req)
+        try:
+            prompt_ids = self.tokenizer.apply_chat_template(req.messages, tools=tools)
+        except ValueError as e:
+            raise value_error(e, "messages") from None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self.sampling_params(req, max_tokens, logprobs)
+        self.check_fits(prompt_ids, params)
+        self.metrics.prompt_tokens += len(prompt_ids)
+        request_id = new_id("chatcmpl")
+        model = req.model or self.model_name
+        if req.stream:
+            stream = self._chat_stream(request_id, model, prompt_ids, params, tools is not None, req.include_usage,
+                                       arrival)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        final = await self.run_to_end(request, request_id, prompt_ids, params, arrival)
+        choices = [self._chat_choice(c, tools is not None, logprobs) for c in final.outputs]
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        body = envelope(request_id, "chat.completion", model)
+        body["choices"] = choices
+        body["usage"] = self.usage(len(prompt_ids), completion_tokens)
+        return JSONResponse(body)
+
+    @staticmethod
+    def _chat_choice(c: CompletionOutput, tools_on: bool, top_logprobs: int | None) -> dict:
+        calls = parse_tool_calls(c.text) if tools_on else None
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": [call.to_openai() for call in calls]}
+        else:
+            message = {"role": "assistant", "content": c.text}
+        choice: dict[str, Any] = {"index": c.index, "message": message}
+        if top_logprobs is not None:
+            choice["logprobs"] = chat_logprobs(c.logprobs or [], c.token_ids, top_logprobs)
+        choice["finish_reason"] = "tool_calls" if calls else _finish_reason(c)
+        return choice
+
+    async def _chat_stream(self, request_id: str, model: str, prompt_ids: list[int], params: SamplingParams,
+                           tools_on: bool, include_usage: bool, arrival: float) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[dict], **extra: Any) -> str:
+            body = {**envelope(request_id, "chat.completion.chunk", model, created), "choices": choices, **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        sent_chars = [0] * params.n  # text already sent, per choice
+        sent_tokens = [0] * params.n  # tokens whose logprobs were sent
+        holding = [tools_on] * params.n  # text that may be a tool call is held until the end
+        done = [False] * params.n
+        timing = _Timing(self.metrics, arrival)
+        completion_tokens = 0
+        for i in range(params.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        try:
+            async with aclosing(self.aengine.generate(request_id, prompt_ids, params)) as outputs:
+                async for out in outputs:
+                    timing.update(out)
+                    for c in out.outputs:
+                        i = c.index
+                        if done[i]:
+                            continue
+                        if holding[i] and c.text.strip() and not c.text.lstrip().startswith(_TOOL_CALL_STARTS):
+                            holding[i] = False  # plainly prose: stream it
+                        finished = c.finish_reason is not None
+                        calls = parse_tool_calls(c.text) if finished and holding[i] else None
+                        if calls:
+                            deltas = [{"index": k, **call.to_openai()} for k, call in enumerate(calls)]
+                            yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "finish_reason": None}])
+                        elif not holding[i] or finished:
+                            text = c.text[sent_chars[i]:]
+                            new_tokens = len(c.token_ids) > sent_tokens[i]
+                            if text or (params.logprobs is not None and new_tokens and finished):
+                                choice: dict[str, Any] = {"index": i, "delta": {"content": text}}
+                                if params.logprobs is not None:
+                                    choice["logprobs"] = chat_logprobs(c.logprobs[sent_tokens[i]:],
+                                                                       c.token_ids[sent_tokens[i]:], params.logprobs)
+                                    sent_tokens[i] = len(c.token_ids)
+                                choice["finish_reason"] = None
+                                yield chunk([choice])
+                                sent_chars[i] = len(c.text)
+                        if finished:
+                            done[i] = True
+                            completion_tokens += len(c.token_ids)
+                            reason = "tool_calls" if calls else _finish_reason(c)
+                            yield chunk([{"index": i, "delta": {}, "finish_reason": reason}])
+            if include_usage:
+                yield chunk([], usage=self.usage(len(prompt_ids), completion_tokens))
+        except (EngineDeadError, ValueError, RuntimeError) as e:
+            # Headers are sent: report the failure in the stream, as OpenAI-compatible servers do.
+            logger.exception("request %s failed mid-stream", request_id)
+            yield f"data: {json.dumps(error_body(str(e), type='server_error', code='internal_error'))}\n\n"
+        except BaseException:  # the client went away (cancelled): the request was aborted by aclosing
+            if not all(done):
+                self.metrics.aborted_requests += 1
+            raise
+        yield "data: [DONE]\n\n"
+
+    # ---- text completions -----------------------------------------------------------------------
+    def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompts: list = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append((p, self.tokenizer.encode(p)))
+            else:
+                out.append((None, list(p)))
+        return out
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        self.authorize(request)
+        req: CompletionRequest = self.parse(CompletionRequest, await self.read_json(request))
+        self.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of", code="unsupported_value")
+        prompts = self._prompts(req)
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
+        for _, ids in prompts:
+            self.check_fits(ids, params)
+        for _, ids in prompts:
+            self.metrics.prompt_tokens += len(ids)
+        request_id = new_id("cmpl")
+        model = req.model or self.model_name
+        if req.stream:
+            if len(prompts) != 1:
+                raise APIError(400, "streaming takes one prompt", param="prompt", code="unsupported_value")
+            stream = self._completion_stream(request_id, model, prompts[0], params, req, arrival)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        finals = await asyncio.gather(*(self.run_to_end(request, f"{request_id}-{p}", ids, params, arrival)
+                                        for p, (_, ids) in enumerate(prompts)))
+        choices, completion_tokens, prompt_tokens = [], 0, 0
+        for p, ((_, ids), final) in enumerate(zip(prompts, finals)):
+            prompt_tokens += len(ids)
+            for c in final.outputs:
+                completion_tokens += len(c.token_ids)
+                choices.append(self._completion_choice(p * params.n + c.index, ids, final, c, req))
+        body = envelope(request_id, "text_completion", model)
+        body["choices"] = choices
+        body["usage"] = self.usage(prompt_tokens, completion_tokens)
+        return JSONResponse(body)
+
+    def _completion_choice(self, index: int, prompt_ids: list[int], final: RequestOutput, c: CompletionOutput,
+                           req: CompletionRequest) -> dict:
+        prompt_text = self.tokenizer.decode(prompt_ids) if req.echo else ""
+        logprobs = None
+        if req.logprobs is not None:
+            entries: list = list(c.logprobs or [])
+            ids = list(c.token_ids)
+            if req.echo:
+                entries = list(final.prompt_logprobs or [None] * len(prompt_ids)) + entries
+                ids = prompt_ids + ids
+            texts = [self.tokenizer.token_text(t) for t in ids]
+            logprobs = completion_logprobs(entries, ids, texts, 0)
+        return {"index": index, "text": prompt_text + c.text, "logprobs": logprobs, "finish_reason": _finish_reason(c)}
+
+    async def _completion_stream(self, request_id: str, model: str, prompt: tuple[str | None, list[int]],
+                                 params: SamplingParams, req: CompletionRequest, arrival: float) -> AsyncIterator[str]:
+        created = int(time.time())
+        _, prompt_ids = prompt
+
+        def chunk(choices: list[dict], **extra: Any) -> str:
+            body = {**envelope(request_id, "text_completion", model, created), "choices": choices, **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        sent = [0] * params.n
+        timing = _Timing(self.metrics, arrival)
+        completion_tokens = 0
+        if req.echo:
+            for i in range(params.n):
+                yield chunk([{"index": i, "text": self.tokenizer.decode(prompt_ids), "logprobs": None,
+                              "finish_reason": None}])
+        try:
+            async with aclosing(self.aengine.generate(request_id, prompt_ids, params)) as outputs:
+                async for out in outputs:
+                    timing.update(out)
+                    for c in out.outputs:
+                        text = c.text[sent[c.index]:]
+                        if text:
+                            sent[c.index] = len(c.text)
+                            yield chunk([{"index": c.index, "text": text, "logprobs": None, "finish_reason": None}])
+                        if c.finish_reason is not None:
+                            completion_tokens += len(c.token_ids)
+                            yield chunk([{"index": c.index, "text": "", "logprobs": None,
+                                          "finish_reason": _finish_reason(c)}])
+            if req.include_usage:
+                yield chunk([], usage=self.usage(len(prompt_ids), completion_tokens))
+        except (EngineDeadError, ValueError, RuntimeError) as e:
+            logger.exception("request %s failed mid-stream", request_id)
+            yield f"data: {json.dumps(error_body(str(e), type='server_error', code='internal_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # ---- the rest -------------------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fp8-turbo",
+                "max_model_len": self.engine.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        if self.aengine.errored is not None:
+            return JSONResponse(error_body("the engine loop failed", type="server_error"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self, request: Request) -> Response:
+        text = self.metrics.render(self.engine, self.aengine.num_requests)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _finish_reason(c: CompletionOutput) -> str:
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
+              price_input_per_m: float = DEFAULT_PRICE_INPUT_PER_M,
+              price_output_per_m: float = DEFAULT_PRICE_OUTPUT_PER_M,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    server = OpenAIServer(engine, served_model_name=served_model_name, api_key=api_key,
+                          price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m,
+                          max_body_bytes=max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.aengine.start()
+        cfg = engine.config
+        logger.info("serving %s as %r: quantization %s, KV cache %s with %d tokens, max_model_len %d",
+                    cfg.model, served_model_name, cfg.quantization, cfg.kv_cache_dtype, engine.kv_capacity_tokens,
+                    engine.max_model_len)
+        yield
+        await server.aengine.stop()
+
+    app = FastAPI(title="fp8-turbo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    def route(endpoint: str, handler: Callable[[Request], Awaitable[Response]]):
+        async def handle(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except APIError as e:
+                response = _error_response(e)
+            except Exception as e:  # one failing request must not take the server down
+                logger.exception("%s failed", endpoint)
+                status = 503 if isinstance(e, EngineDeadError) else 500
+                response = JSONResponse(error_body(f"internal error: {e!r}", type="server_error",
+                                                   code="internal_error"), status_code=status)
+            server.metrics.count_request(endpoint, response.status_code)
+            return response
+        return handle
+
+    for path in ("/v1/chat/completions", "/v1/openai/chat/completions"):
+        app.add_api_route(path, route("chat", server.chat_completions), methods=["POST"])
+    app.add_api_route("/v1/completions", route("completions", server.completions), methods=["POST"])
+    app.add_api_route("/v1/openai/completions", route("completions", server.completions), methods=["POST"])
+    app.add_api_route("/v1/models", route("models", server.models), methods=["GET"])
+    app.add_api_route("/v1/openai/models", route("models", server.models), methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and methods still answer in OpenAI's error shape (auth first under /v1).
+        if request.url.path.startswith("/v1"):
+            try:
+                server.authorize(request)
+            except APIError as e:
+                return _error_response(e)
+        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+
+    return app
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """`fp8-turbo serve`: load the model, then serve until interrupted."""
+    import uvicorn
+
+    from engine.engine_config import EngineConfig
+
+    logging.getLogger("fp8_turbo").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = EngineConfig(model=args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                          device=args.device, max_model_len=args.max_model_len, seed=args.seed)
+    engine = LLMEngine(config)
+    name = args.served_model_name or args.model
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    app = build_app(engine, served_model_name=name, api_key=api_key, price_input_per_m=args.price_input,
+                    price_output_per_m=args.price_output)
+    logger.info("loaded %s in %.1fs (quantization %s, KV cache %s: %d tokens); serving %r at http://%s:%d/v1%s",
+                args.model, engine.load_seconds, config.quantization, config.kv_cache_dtype,
+                engine.kv_capacity_tokens, name, args.host, args.port, " (API key required)" if api_key else "")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
