@@ -10,8 +10,11 @@ Kernel (Triton tutorial 03 structure, grouped tile ordering): each BLOCK_K step'
 promoted into an fp32 accumulator (Hopper's fp8 wgmma keeps only ~14 bits when it accumulates by
 itself, design.md pitfall 5). Scales are applied in the epilogue; with a 128-block scale on either
 side, the K loop scales each BLOCK_K partial product by its K block's scales instead (BLOCK_K divides
-128). Decode sizes (M <= 64) get small BLOCK_M tiles and split-K when the N tiles cannot fill the GPU;
-split-K writes fp32 partials [SPLIT_K, M, N] that are summed afterwards (deterministic, no atomics).
+128). Decode sizes (M <= 64) run swapped, c.T = b @ a.T, so the weight's N fills the 64-row wgmma tile
+and the tokens its narrow side (16-64), with split-K when the N tiles cannot fill the GPU; split-K
+writes fp32 partials [SPLIT_K, M, N] that are summed afterwards (deterministic, no atomics).
+Prefill sizes use 64/128-row tiles. Autotuning (CUDA) is keyed on the bucketed M; run each batch size
+bucket once before capturing CUDA graphs. Offsets are 32-bit: every operand stays below 2^31 elements.
 
 CPU reference (the production path on CPU): fp8 -> fp32 is exact, then one fp32 matmul with the
 per-tensor/row/channel scales applied to the output, or on dequantized operands for block scales.
@@ -200,6 +203,8 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, a_mode, b_mode, out_dtype, bias, sp
     n = b.shape[0]
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=a.device)
+    if max(a.numel(), b.numel(), m * n) >= 2**31:
+        raise ValueError(f"fp8_gemm: a {tuple(a.shape)}, b {tuple(b.shape)}: operands need < 2^31 elements")
     if split_k is None:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
         split_k = split_k_for(m, n, k, sms)

@@ -40,9 +40,8 @@ def _compile(fn, signature: dict, constexprs: dict, aligned: list[str], num_warp
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # ptxas -v output, printed by triton when dump_ptxas_log
-        kernel = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-        )
+        options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}  # the JIT default
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return kernel, log.getvalue()
 
 

@@ -142,7 +142,7 @@ def test_autotune_buckets_and_split_k():
 # Triton kernel in the interpreter (collected only by the subprocess, as interp_*)
 # ----------------------------------------------------------------------------------------------------
 
-SETTINGS = settings(max_examples=16, deadline=None, derandomize=True, database=None)
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None)
 
 
 @SETTINGS
