@@ -5,6 +5,7 @@
         a [M, K] e4m3 (activations), b [N, K] e4m3, K-major (a linear layer's weight)
         a_scale: [1] per-tensor | [M, 1] per-token | [M, ceil(K/128)] per 1x128 group
         b_scale: [1] per-tensor | [N, 1] per-channel | [ceil(N/128), ceil(K/128)] per 128x128 block
+                 | [N, ceil(K/128)] per 1x128 group (fused shards whose 128-row blocks do not align)
 
 Kernel (Triton tutorial 03 structure, grouped tile ordering): each BLOCK_K step's fp8 product is
 promoted into an fp32 accumulator (Hopper's fp8 wgmma keeps only ~14 bits when it accumulates by
@@ -188,17 +189,18 @@ def split_k_for(m: int, n: int, k: int, num_sms: int) -> int:
     return split
 
 
-def _operand(x, scale, mode, block_rows):
+def _operand(x, scale, layout):
     """(tensor, scale, stride_row, stride_k, SCALE_ROWS, SCALE_K) of one GEMM operand."""
-    if mode == PER_TENSOR:
+    kind, scale_rows = layout
+    if kind == PER_TENSOR:
         return x, scale.reshape(1), 0, 0, 1, False
     scale = scale.reshape(scale.shape[0], -1)
-    if mode == PER_ROW:
+    if kind == PER_ROW:
         return x, scale, scale.stride(0), 0, 1, False
-    return x, scale, scale.stride(0), scale.stride(1), block_rows, True
+    return x, scale, scale.stride(0), scale.stride(1), scale_rows, True
 
 
-def _fp8_gemm_triton(a, b, a_scale, b_scale, a_mode, b_mode, out_dtype, bias, split_k=None):
+def _fp8_gemm_triton(a, b, a_scale, b_scale, a_layout, b_layout, out_dtype, bias, split_k=None):
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
@@ -212,8 +214,7 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, a_mode, b_mode, out_dtype, bias, sp
         c = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)  # partials
     else:
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    lhs = _operand(a, a_scale, a_mode, 1)  # activations: 1x128 groups
-    rhs = _operand(b, b_scale, b_mode, SCALE_BLOCK)  # weights: 128x128 blocks
+    lhs, rhs = _operand(a, a_scale, a_layout), _operand(b, b_scale, b_layout)
     stride_cm, stride_cn = c.stride(-2), c.stride(-1)
     swap = m <= DECODE_MAX_M
     if swap:  # c.T [N, M] = b @ a.T
@@ -248,8 +249,8 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, a_mode, b_mode, out_dtype, bias, sp
 
 def fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype=torch.bfloat16, bias=None) -> torch.Tensor:
     """fp32 torch path: exact fp8 -> fp32, one fp32 matmul, scales on the output where they allow it."""
-    a_mode, b_mode = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
-    if a_mode == PER_BLOCK or b_mode == PER_BLOCK:
+    a_layout, b_layout = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
+    if a_layout[0] == PER_BLOCK or b_layout[0] == PER_BLOCK:
         c = dequantize_fp8(a, a_scale, SCALE_BLOCK) @ dequantize_fp8(b, b_scale, SCALE_BLOCK).T
     else:
         c = a.float() @ b.float().T  # [M, N]
@@ -259,21 +260,25 @@ def fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype=torch.bfloat16, bias=No
     return c.to(out_dtype)
 
 
-def _scale_mode(scale: torch.Tensor, rows: int, k: int, block_rows: int, name: str, row_name: str) -> int:
+def _scale_layout(scale: torch.Tensor, rows: int, k: int, name: str) -> tuple[int, int]:
+    """(PER_TENSOR | PER_ROW | PER_BLOCK, rows sharing one scale) of an operand's scale."""
     kb = triton.cdiv(k, SCALE_BLOCK)
     shape = tuple(scale.shape)
     if scale.numel() == 1 and scale.dim() <= 2:
-        return PER_TENSOR
+        return PER_TENSOR, rows
     if shape == (rows, 1):
-        return PER_ROW
-    if shape == (block_rows, kb):
-        return PER_BLOCK
+        return PER_ROW, 1
+    if shape == (rows, kb):  # 1x128 groups: activations; weights of fused shards not 128-row aligned
+        return PER_BLOCK, 1
+    if shape == (triton.cdiv(rows, SCALE_BLOCK), kb):  # 128x128 blocks
+        return PER_BLOCK, SCALE_BLOCK
     raise ValueError(
-        f"fp8_gemm: {name} of shape {shape} is none of [1], [{row_name}={rows}, 1], [{block_rows}, {kb}]"
+        f"fp8_gemm: {name} of shape {shape} fits none of [1], [{rows}, 1], [{rows}, {kb}], "
+        f"[{triton.cdiv(rows, SCALE_BLOCK)}, {kb}] for an operand of {rows} rows and K={k}"
     )
 
 
-def _check_args(a, b, a_scale, b_scale, out_dtype, bias) -> tuple[int, int]:
+def _check_args(a, b, a_scale, b_scale, out_dtype, bias) -> tuple[tuple[int, int], tuple[int, int]]:
     if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_gemm: a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
@@ -284,9 +289,7 @@ def _check_args(a, b, a_scale, b_scale, out_dtype, bias) -> tuple[int, int]:
     n = b.shape[0]
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"fp8_gemm: bias of shape {tuple(bias.shape)}, expected [{n}]")
-    a_mode = _scale_mode(a_scale, m, k, m, "a_scale", "M")
-    b_mode = _scale_mode(b_scale, n, k, triton.cdiv(n, SCALE_BLOCK), "b_scale", "N")
-    return a_mode, b_mode
+    return _scale_layout(a_scale, m, k, "a_scale"), _scale_layout(b_scale, n, k, "b_scale")
 
 
 @torch.inference_mode()
@@ -299,7 +302,7 @@ def fp8_gemm(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """c [M, N] = (a * a_scale) @ (b * b_scale).T (+ bias); see the module docstring."""
-    a_mode, b_mode = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
+    a_layout, b_layout = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
     if not use_triton(a):
         return fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
-    return _fp8_gemm_triton(a, b, a_scale.float(), b_scale.float(), a_mode, b_mode, out_dtype, bias)
+    return _fp8_gemm_triton(a, b, a_scale.float(), b_scale.float(), a_layout, b_layout, out_dtype, bias)

@@ -6,7 +6,7 @@ and run the benchmarks.
 
 1. FP8 kernels on CUDA vs their CPU references: quantize_fp8 bit-exact (every granularity, fp32/bf16
    input, edge values); fp8_gemm within 2^-11 * (|A| @ |B|.T) (Hopper's fp8 MMA keeps ~14 bits inside
-   a BLOCK_K step, tests/test_fp8_gemm.py) for every scale combination, decode and prefill sizes,
+   a BLOCK_K step, tests/test_fp8_gemm.py) for every scale combination (weights also in per-row 1x128 groups), decode and prefill sizes,
    split-K shapes, bias, every output dtype.
 2. `pytest -m gpu tests`: the GPU tests of every kernel family (paged attention, KV writes, FP8).
 3. bench/gemm.py (and bench/attention.py where it exists).
@@ -51,7 +51,7 @@ def check_quantize(failures: list[str]) -> None:
 
 
 def check_gemm(failures: list[str]) -> None:
-    combos = [(a, w) for a in ("tensor", "token", "group") for w in ("tensor", "channel", "block")]
+    combos = [(a, w) for a in ("tensor", "token", "group") for w in ("tensor", "channel", "block", "group")]
     shapes = [(1, 1280, 8192), (3, 1000, 1100), (16, 8192, 1024), (64, 4096, 4096), (65, 1000, 1100),
               (300, 3000, 2000), (512, 4096, 8192)]
     for m, n, k in shapes:
@@ -61,7 +61,7 @@ def check_gemm(failures: list[str]) -> None:
         bias = torch.randn(n)
         for act, weight in combos:
             a, a_scale = quantize_fp8(x, act)
-            b, b_scale = quantize_weight(w, weight)
+            b, b_scale = quantize_fp8(w, "group") if weight == "group" else quantize_weight(w, weight)
             mag = dequantize_fp8(a, a_scale).abs() @ dequantize_fp8(b, b_scale).abs().T
             for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
                 bias_d = bias.to(out_dtype)

@@ -30,7 +30,8 @@ from kernels.fp8_gemm import (
 from kernels.quantize import fake_quantize_fp8, quantize_fp8
 
 ACT = ["tensor", "token", "group"]  # a_scale [1] | [M, 1] | [M, ceil(K/128)]
-WEIGHT = ["tensor", "channel", "block"]  # b_scale [1] | [N, 1] | [ceil(N/128), ceil(K/128)]
+# b_scale [1] | [N, 1] | [ceil(N/128), ceil(K/128)] | "group": [N, ceil(K/128)] (fused unaligned shards)
+WEIGHT = ["tensor", "channel", "block", "group"]
 OUT_RTOL = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
@@ -42,7 +43,7 @@ def operands(m, n, k, act, weight, seed=0, zero_rows=False):
         x[::7] = 0.0
         w[::5] = 0.0
     a, a_scale = quantize_fp8(x, act)
-    b, b_scale = quantize_weight(w, weight)
+    b, b_scale = quantize_fp8(w, "group") if weight == "group" else quantize_weight(w, weight)
     bias = torch.randn(n, generator=g)
     return a, b, a_scale, b_scale, bias
 
@@ -120,6 +121,8 @@ def test_argument_errors():
         fp8_gemm(a, b, torch.ones(3, 1), b_scale)
     with pytest.raises(ValueError, match="b_scale"):
         fp8_gemm(a, b, a_scale, torch.ones(8, 2))
+    with pytest.raises(ValueError, match="b_scale"):
+        fp8_gemm(a, b, a_scale, torch.ones(2, 1))
     with pytest.raises(ValueError, match="out_dtype"):
         fp8_gemm(a, b, a_scale, b_scale, torch.int32)
     with pytest.raises(ValueError, match="bias"):
@@ -164,13 +167,13 @@ def interp_kernel_matches_reference(m, n, k, act, weight, has_bias, out_dtype, s
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
-@pytest.mark.parametrize("act, weight", [("token", "channel"), ("group", "block"), ("tensor", "block")])
+@pytest.mark.parametrize("act, weight", [("token", "channel"), ("group", "block"), ("tensor", "group")])
 def interp_split_k(act, weight, split_k):
     from kernels.fp8_gemm import _check_args, _fp8_gemm_triton
 
     a, b, a_scale, b_scale, bias = operands(5, 77, 700, act, weight, seed=split_k)
-    modes = _check_args(a, b, a_scale, b_scale, torch.bfloat16, bias)
-    c = _fp8_gemm_triton(a, b, a_scale, b_scale, *modes, torch.bfloat16, bias, split_k=split_k)
+    layouts = _check_args(a, b, a_scale, b_scale, torch.bfloat16, bias)
+    c = _fp8_gemm_triton(a, b, a_scale, b_scale, *layouts, torch.bfloat16, bias, split_k=split_k)
     assert_close_gemm(c, a, b, a_scale, b_scale, bias, torch.bfloat16)
 
 
@@ -185,7 +188,7 @@ def interp_edge_values():
     assert_close_gemm(c, a, b, a_scale, b_scale, None, torch.float32)
     assert c[0, 0] == 448.0 * 448.0 and c[0, 2] == 448.0 * 448.0 and (c[1] == 0).all() and (c[:, 5:] == 0).all()
     for m, n, k in [(1, 1, 32), (1, 130, 33), (65, 1, 129), (64, 64, 128)]:
-        for act, weight in [("token", "channel"), ("group", "block")]:
+        for act, weight in [("token", "channel"), ("group", "block"), ("token", "group")]:
             a, b, a_scale, b_scale, bias = operands(m, n, k, act, weight, zero_rows=True)
             c = fp8_gemm(a, b, a_scale, b_scale, torch.bfloat16, bias)
             assert_close_gemm(c, a, b, a_scale, b_scale, bias, torch.bfloat16)
