@@ -423,8 +423,9 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
         return torch.from_numpy(raw).view(torch.bfloat16).float()
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     if (fn := _DEQUANT.get(qtype)) is None:
-        # gguf.quants takes quantized types as [rows, bytes] uint8
-        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(raw.reshape(-1, type_size), qtype), dtype=np.float32)).reshape(-1)
+        # gguf.quants loops over groups of 16 rows: hand it all blocks as one row
+        values = quants.dequantize(raw.reshape(1, -1), qtype)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(-1)
     blocks = torch.from_numpy(raw).reshape(-1, type_size)
     out = torch.empty(blocks.shape[0], block_size)
     for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK):

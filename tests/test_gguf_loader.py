@@ -218,7 +218,8 @@ def test_config_linear_rope_and_tied(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.BF16, Q.F16], ids=lambda q: q.name)
+# Q5_0 and Q5_K take the gguf.quants fallback (any type it knows loads, more slowly)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.BF16, Q.F16, Q.Q5_0, Q.Q5_K], ids=lambda q: q.name)
 def test_dequantize_random_bytes_matches_gguf(qtype):
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     raw = np.random.default_rng(int(qtype)).integers(0, 256, size=(8, type_size * 16), dtype=np.uint8)
