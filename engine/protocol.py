@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 
-Number = float | int
+Number = float  # strict mode still takes ints here (and refuses bools and strings)
+_TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "list[str]", "list[int]", "list[list[int]]", "none"}
 
 API_KEY_ENV = "FP8_TURBO_API_KEY"
 # Placeholder list prices in USD per million tokens for usage.estimated_cost (--price-input/--price-output).
@@ -180,7 +181,12 @@ def completion_logprobs(entries: list[dict[int, Logprob] | None], token_ids: lis
 def pydantic_error(exc: Any) -> APIError:
     """The first pydantic validation error as a 400 naming the field."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    loc = ""
+    for part in err.get("loc", ()):  # ("messages", 0, "role") -> "messages[0].role"; union tags dropped
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif part not in _TYPE_TAGS and not part.startswith(("function-", "union[")):
+            loc += f".{part}" if loc else part
     msg = err.get("msg", "invalid value")
     if err.get("type") == "missing":
         return APIError(400, f"{loc} is required", param=loc, code="missing_required_parameter")

@@ -175,6 +175,9 @@ class OpenAIServer:
             raise value_error(e, "messages") from None
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+            raise APIError(400, f"top_logprobs must be an integer in [0, 20], got {req.top_logprobs}",
+                           param="top_logprobs", code="invalid_value")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, logprobs)
@@ -232,7 +235,7 @@ class OpenAIServer:
                         i = c.index
                         if done[i]:
                             continue
-                        if holding[i] and c.text.strip() and not c.text.lstrip().startswith(_TOOL_CALL_STARTS):
+                        if holding[i] and not _may_be_tool_call(c.text):
                             holding[i] = False  # plainly prose: stream it
                         finished = c.finish_reason is not None
                         calls = parse_tool_calls(c.text) if finished and holding[i] else None
@@ -311,8 +314,13 @@ class OpenAIServer:
             stream = self._completion_stream(request_id, model, prompts[0], params, req, arrival)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        finals = await asyncio.gather(*(self.run_to_end(request, f"{request_id}-{p}", ids, params, arrival)
-                                        for p, (_, ids) in enumerate(prompts)))
+        tasks = [asyncio.ensure_future(self.run_to_end(request, f"{request_id}-{p}", ids, params, arrival))
+                 for p, (_, ids) in enumerate(prompts)]
+        try:
+            finals = await asyncio.gather(*tasks)
+        finally:  # one prompt failing (or the client leaving) ends the others too
+            for task in tasks:
+                task.cancel()
         choices, completion_tokens, prompt_tokens = [], 0, 0
         for p, ((_, ids), final) in enumerate(zip(prompts, finals)):
             prompt_tokens += len(ids)
@@ -389,6 +397,12 @@ class OpenAIServer:
     async def metrics_text(self, request: Request) -> Response:
         text = self.metrics.render(self.engine, self.aengine.num_requests)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _may_be_tool_call(text: str) -> bool:
+    """Whether `text` is empty or begins like a tool call ("<|pyt" may still become "<|python_tag|>")."""
+    head = text.lstrip()
+    return any(head.startswith(start) or start.startswith(head) for start in _TOOL_CALL_STARTS)
 
 
 def _finish_reason(c: CompletionOutput) -> str:

@@ -79,7 +79,9 @@ class ServerThread:
 
 def start_server(engine: LLMEngine, **app_options) -> ServerThread:
     app_options.setdefault("served_model_name", SEED_MODEL_NAME)
-    return ServerThread(build_app(engine, **app_options)).__enter__()
+    server = ServerThread(build_app(engine, **app_options))
+    server.engine = engine  # for tests that read the tokenizer; never step it while the server runs
+    return server.__enter__()
 
 
 class ScriptedSampler:
