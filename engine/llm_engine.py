@@ -13,6 +13,7 @@ import torch
 from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
 from engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
+from engine.kv_calibration import CALIBRATION_TOKENS, calibrate_kv_scales, calibration_text
 from engine.linear import QuantConfig
 from engine.loader import build_model, read_hf_config, resolve_model
 from engine.model_runner import ModelRunner
@@ -48,11 +49,17 @@ class LLMEngine:
 
         cfg = self.model_config
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        budget = self._kv_budget_bytes()  # before allocating: on CUDA it reads free memory
         per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
-        num_blocks = max(1, self._kv_budget_bytes() // (per_token * config.block_size))
+        num_blocks = max(1, budget // (per_token * config.block_size))
         self.kv_capacity_tokens = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
                                  self.kv_capacity_tokens)
+        self.kv_scale_source = None
+        if self.kv_dtype == torch.float8_e4m3fn:
+            ids = self.tokenizer.encode(calibration_text())[:CALIBRATION_TOKENS]
+            calibrate_kv_scales(self.model, ids, config.block_size)
+            self.kv_scale_source = f"calibrated on {len(ids)} tokens"
         kv_caches = allocate_kv_caches(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
                                        self.kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -62,9 +69,15 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed)
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
-        logger.info("loaded %s (%s, %s) in %.1fs; KV cache %s: %d blocks x %d = %d tokens",
+        # Both capacities, so the effect of an FP8 cache is visible at start-up.
+        self.kv_capacity_by_dtype = {
+            str(dt).removeprefix("torch."): budget // kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dt)
+            for dt in (self.dtype, torch.float8_e4m3fn)
+        }
+        logger.info("loaded %s (%s, %s) in %.1fs; KV cache %s: %d blocks x %d tokens = %d tokens (capacity by dtype: %s)%s",
                     config.model, config.quantization, self.dtype, self.load_seconds, self.kv_dtype, num_blocks,
-                    config.block_size, self.kv_capacity_tokens)
+                    config.block_size, self.kv_capacity_tokens, self.kv_capacity_by_dtype,
+                    f"; FP8 KV scales {self.kv_scale_source}" if self.kv_scale_source else "")
 
     def _kv_budget_bytes(self) -> int:
         if self.device.type == "cuda":

@@ -63,6 +63,7 @@ class Attention(nn.Module):
         # Per-layer FP8 KV-cache scales (1.0 unless the checkpoint or a calibration pass sets them).
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.kv_observer = None  # callable(k, v) during KV-scale calibration (engine/kv_calibration.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
@@ -70,6 +71,8 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.kv_observer is not None:
+            self.kv_observer(k, v)
         k_cache, v_cache = kv_cache
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta.is_decode:
