@@ -212,6 +212,18 @@ def test_config_linear_rope_and_tied(tmp_path):
     assert "lm_head.weight" not in dict(iter_gguf_tensors(path, progress=False))
 
 
+def test_factory_copies_a_tokenizer(tmp_path):
+    # a tiny random model with SmolLM2's real tokenizer, for tests of the tokenizer and the engine
+    hf = TINY | {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                 "num_key_value_heads": 1, "head_dim": 32, "tie_word_embeddings": True}  # fmt: skip
+    path = write_llama_gguf(tmp_path / "tok.gguf", hf, random_llama_state_dict(hf), Q.Q8_0, tokenizer=SMOLLM2_GGUF)
+    ours, smollm2 = gguf_metadata(path), gguf_metadata(SMOLLM2_GGUF)
+    assert {k: v for k, v in ours.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in smollm2.items() if k.startswith("tokenizer.")
+    }
+    assert gguf_hf_config(path) == {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_scaling": None} | hf
+
+
 # --------------------------------------------------------------------------------------------------
 # Dequantization against gguf.quants on arbitrary bytes (every bit pattern, not only what a
 # quantizer produces: covers Q4_K / Q6_K layouts independently of tests/gguf_factory.py)
