@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(PY) -m engine serve --model $(MODEL) --quantization $(QUANT)
+
+chat: $(STAMP)
 	$(PY) -m engine chat --model $(MODEL) --quantization $(QUANT)
 
 test: $(STAMP)
