@@ -339,8 +339,9 @@ def llama3_rope_freq_divisors(scaling: dict, rope_theta: float, head_dim: int) -
 
 
 # Vectorized torch versions of ggml's block formats (ggml-common.h); gguf.quants has numpy
-# equivalents that the tests compare against. Torch is ~N x faster here (multi-threaded, no numpy
-# temporaries per nibble shift); other types gguf.quants knows fall back to it.
+# equivalents that the tests compare against bit for bit. On SmolLM2 (2-core CPU) torch takes
+# 0.18 s with 2 threads / 0.36 s with 1 against gguf.quants' 0.61 s; other types gguf.quants knows
+# (Q5_*, Q2_K, Q3_K, Q5_K, IQ*) fall back to it.
 # Each function maps [n_blocks, type_size] uint8 -> [n_blocks, block_size] fp32.
 
 
