@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.backend import use_triton
+
 QUANT_SCHEMES = ("none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
 
 # scheme -> (weight scale granularity, activation granularity or None for high-precision activations)
@@ -46,8 +48,8 @@ class Linear(nn.Module):
     """y = x @ W.T (+ b). Weights arrive in high precision and are quantized once in `finalize()`.
 
     FP8 schemes keep `weight_fp8` (e4m3) and `weight_scale` (fp32). How they compute:
-    - CUDA: activations are quantized by `kernels.quantize_fp8` and multiplied by `kernels.fp8_gemm`
-      (Triton), scales applied in the GEMM's epilogue.
+    - CUDA (and CPU under TRITON_INTERPRET=1): activations are quantized by `kernels.quantize_fp8`
+      and multiplied by `kernels.fp8_gemm` (Triton), scales applied in the GEMM's epilogue.
     - CPU: `weight` is replaced by its dequantized copy (exactly the FP8 grid times its scale, in fp32)
       and activations are quantize-dequantized with the same numerics (`fake_quantize_fp8`), so one
       fp32 matmul reproduces the FP8 result up to summation order (design.md, Backends).
@@ -97,7 +99,7 @@ class Linear(nn.Module):
         if self.scheme == "none":
             return nn.functional.linear(x, self.weight, self.bias)
         act = self.act_granularity
-        if not x.is_cuda:
+        if not use_triton(x):
             from kernels.quantize import fake_quantize_fp8
 
             if act is not None:
