@@ -37,7 +37,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--sweep-tokens", type=int, default=128)
-    ap.add_argument("--part", choices=("all", "eval", "sweep"), default="all")
+    ap.add_argument("--part", choices=("all", "eval", "sweep", "report"), default="all",
+                    help="report: rebuild md/png from accuracy.json and accuracy_sweep.json")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=PAT,PAT",
                     help="extra fp8 config with an ignore list (repeatable)")
     ap.add_argument("--no-variants", action="store_true")
@@ -58,7 +59,11 @@ def main() -> int:
         print("\n".join(f"{r['layer']:40s} KL {r['kl']:.5f} top1 {100 * r['top1']:.2f}%" for r in sweep[:15]))
         if args.part == "sweep":
             return 0
-    sweep_meta = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
+    if args.part == "report":
+        from engine.accuracy import EvalResult
+
+        data = json.loads((OUT / "accuracy.json").read_text())
+        return _report([EvalResult(**r) for r in data["results"]], data["meta"], sweep_file)
     configs = [(s, s, ("lm_head",)) for s in DEFAULT_SCHEMES]
     if not args.no_variants:
         configs += [(label, "fp8", ignore) for label, ignore in VARIANTS.items()]
@@ -69,8 +74,13 @@ def main() -> int:
     results, _ = evaluate(args.model, configs, corpus=args.corpus, tokens=args.tokens, window=args.window,
                           log=lambda s: print(s, flush=True))
     meta = dict(model=args.model, corpus=args.corpus or "pydoc_data.topics", tokens=results[0].tokens, window=args.window,
-                machine=machine, seconds=round(time.perf_counter() - t0, 1), sweep_scheme="fp8",
-                sweep_tokens=sweep_meta["sweep_tokens"] if sweep_meta else None)
+                machine=machine, seconds=round(time.perf_counter() - t0, 1), sweep_scheme="fp8")
+    return _report(results, meta, sweep_file)
+
+
+def _report(results, meta: dict, sweep_file: Path) -> int:
+    sweep_meta = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
+    meta["sweep_tokens"] = sweep_meta["sweep_tokens"] if sweep_meta else None
     sweep = sweep_meta["sweep"] if sweep_meta else None
     (OUT / "accuracy.json").write_text(json.dumps(to_json(results, sweep, meta), indent=1))
     md = to_markdown(results, sweep, meta)

@@ -299,3 +299,28 @@ def plot(results: list[EvalResult], sweep: list[dict] | None, path: str | Path) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@torch.inference_mode()
+def calibrate_input_scales(model: str, tokens: int = 2048, window: int = 512, corpus: str | None = None) -> dict[str, torch.Tensor]:
+    """Static per-tensor activation scales (amax / 448 of each linear layer's input over the corpus),
+    keyed by fused module name, for an fp8-tensor checkpoint with static input_scale."""
+    from engine.llm import LLM
+    from kernels.fp8 import compute_scale
+
+    llm = LLM(model, quantization="none", device="cpu", kv_cache_memory_bytes=64 << 20,
+              max_num_batched_tokens=max(2048, window))
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(m, inputs, out):
+        a = inputs[0].detach().abs().amax().float()
+        amax[m.name] = torch.maximum(amax.get(m.name, a), a)
+
+    handles = [m.register_forward_hook(hook) for m in llm.engine.model.modules() if isinstance(m, Linear)]
+    try:
+        for ids in corpus_windows(llm.tokenizer, corpus_text(corpus), min(window, tokens), tokens):
+            sequence_logits(llm, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: compute_scale(a.reshape(1)) for name, a in amax.items()}
