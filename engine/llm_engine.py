@@ -21,7 +21,7 @@ from engine.outputs import RequestOutput
 from engine.request import Request, logprob_dict
 from engine.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import Sequence
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -139,6 +139,23 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @torch.inference_mode()
+    def sequence_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of `token_ids`, [len, vocab] fp32, from one prefill through the
+        paged cache (for scoring and accuracy studies; runs outside the scheduler, between steps)."""
+        self.check_request(token_ids, SamplingParams(max_tokens=0))
+        seq = Sequence("sequence-logits", 0, token_ids, SamplingParams(max_tokens=1, prompt_logprobs=0))
+        seq.prompt_logprobs.append(None)
+        if not self.block_manager.can_allocate(seq, len(token_ids)):
+            raise RuntimeError(f"no room in the KV cache for {len(token_ids)} tokens: finish running requests first")
+        self.block_manager.allocate(seq, len(token_ids))
+        try:
+            out = self.runner.run([ScheduledSeq(seq, len(token_ids))])
+        finally:
+            self.block_manager.free(seq)
+        parts = [out.prompt_logits[seq.seq_id][1]] if len(token_ids) > 1 else []
+        return torch.cat(parts + [out.sample_logits])
 
     # ---- the step -------------------------------------------------------------------------------
     @torch.inference_mode()

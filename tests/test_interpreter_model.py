@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +20,10 @@ from model_factory import VOCAB, make_checkpoint
 SCRIPT = r"""
 import json, sys
 import torch
-sys.path.insert(0, {tests!r})
 from engine import LLM, SamplingParams
-from test_parity import prompt_logits
 llm = LLM({path!r}, quantization={scheme!r}, kv_cache_dtype={kv!r}, device="cpu")
 ids = {ids!r}
-logits = prompt_logits(llm, ids)
+logits = llm.engine.sequence_logits(ids)
 out = llm.generate([{{"prompt_token_ids": ids}}], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
 print(json.dumps({{"logits": logits.tolist(), "tokens": out.outputs[0].token_ids}}))
 """
@@ -34,7 +31,7 @@ print(json.dumps({{"logits": logits.tolist(), "tokens": out.outputs[0].token_ids
 
 def run(path: str, scheme: str, kv: str, ids: list[int], interpret: bool) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0")
-    code = SCRIPT.format(tests=str(Path(__file__).parent), path=path, scheme=scheme, kv=kv, ids=ids)
+    code = SCRIPT.format(path=path, scheme=scheme, kv=kv, ids=ids)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

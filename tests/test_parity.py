@@ -9,23 +9,12 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.scheduler import ScheduledSeq
-from engine.sequence import Sequence
 from model_factory import STYLES, VOCAB, load_reference, make_checkpoint
 
 
 def prompt_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     """Our logits at every prompt position, [len(ids), V], from one prefill through the paged cache."""
-    engine = llm.engine
-    seq = Sequence("probe", 0, ids, SamplingParams(max_tokens=1, prompt_logprobs=0))
-    seq.prompt_logprobs.append(None)
-    engine.block_manager.allocate(seq, len(ids))
-    try:
-        out = engine.runner.run([ScheduledSeq(seq, len(ids))])
-    finally:
-        engine.block_manager.free(seq)
-    _, rows = out.prompt_logits[seq.seq_id]
-    return torch.cat([rows, out.sample_logits])
+    return llm.engine.sequence_logits(ids)
 
 
 @pytest.fixture(scope="module", params=sorted(STYLES))
