@@ -33,6 +33,7 @@ from engine.sampler import (
     SamplingRow,
     apply_penalties,
     compute_logprobs,
+    draw_from_weights,
     make_generator,
     processed_probs,
 )
@@ -227,6 +228,31 @@ def test_top_p_draws_in_a_large_vocabulary(scale, top_p, tries, monkeypatch):
     r = row(top_p=top_p, temperature=0.9)
     counts = draw_counts(Sampler(seed=12), logits, [r] * DRAWS)
     assert chi_square_p_value(counts, reference_probs(logits, r)) > 1e-3
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, min_p=0.01)], ids=str)
+def test_draws_over_a_wide_vocabulary(params):
+    """4096 tokens: the draw goes through blocks of 256 (draw_from_weights' two levels)."""
+    logits = random_logits(13, 1, 4096, scale=2.0)[0]
+    r = row(**params)
+    counts = draw_counts(Sampler(seed=14), logits, [r] * DRAWS, chunk=2000)
+    assert chi_square_p_value(counts, reference_probs(logits, r)) > 1e-3
+
+
+def test_two_level_draw_never_returns_a_zero_weight():
+    g = torch.Generator().manual_seed(15)
+    weights = torch.rand(64, 4096, generator=g)
+    weights *= torch.rand(64, 4096, generator=g) < 0.02  # mostly zeros, whole blocks empty
+    weights[:, 0] = 0.0
+    weights[:, -1] = 0.0
+    extremes = torch.tensor([1.0, 2.0**-24, 0.5, 1.0 - 2.0**-24])  # the ends of (0, 1]
+    uniform = torch.cat([extremes, 1.0 - torch.rand(60, generator=g)])
+    positions = draw_from_weights(weights, uniform)
+    assert bool((weights.gather(1, positions[:, None]) > 0).all())
+    # The same positions as one running sum over the whole row, up to float rounding at the edges.
+    cumulative = weights.double().cumsum(dim=-1)
+    expected = torch.searchsorted(cumulative, (uniform.double() * cumulative[:, -1])[:, None]).squeeze(1)
+    assert (positions == expected).float().mean() > 0.99
 
 
 def test_seeded_draws_follow_the_distribution():
