@@ -128,13 +128,13 @@ class OpenAIServer:
         except ValueError as e:
             raise value_error(e) from None
 
-    def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_fits(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
             self.engine.check_request(prompt_ids, params)
         except PromptTooLongError as e:
-            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:
-            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return usage(prompt_tokens, completion_tokens, *self.prices)
@@ -181,7 +181,7 @@ class OpenAIServer:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, logprobs)
-        self.check_fits(prompt_ids, params)
+        self.check_fits(prompt_ids, params, "messages")
         self.metrics.prompt_tokens += len(prompt_ids)
         request_id = new_id("chatcmpl")
         model = req.model or self.model_name
@@ -303,7 +303,7 @@ class OpenAIServer:
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
         for _, ids in prompts:
-            self.check_fits(ids, params)
+            self.check_fits(ids, params, "prompt")
         for _, ids in prompts:
             self.metrics.prompt_tokens += len(ids)
         request_id = new_id("cmpl")
