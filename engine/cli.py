@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-output", type=float, default=DEFAULT_PRICE_OUTPUT_PER_M,
                    help="USD per million generated tokens, for usage.estimated_cost")
     p.set_defaults(func=cmd_serve)
+
+    from engine.cli_quant import add_commands  # quantize, eval
+
+    add_commands(sub)
     return parser
 
 
