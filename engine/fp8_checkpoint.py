@@ -336,7 +336,7 @@ def quantized_tensors(tensors: Iterator[tuple[str, torch.Tensor]], quant: QuantC
         yield name, w_fp8
         yield f"{module}.{scale_leaf}", scale.reshape(1) if scale.numel() == 1 else scale
         if input_scales is not None:
-            yield f"{module}.input_scale", input_scales[fused_name(module)].float().reshape(1)
+            yield f"{module}.input_scale", input_scales[fused_name(module)].float().reshape(1).clone()
 
 
 def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tuple[str, ...] = ("lm_head",),
