@@ -106,6 +106,23 @@ def cmd_serve(args) -> int:
     return run_server(args)
 
 
+BENCHMARKS = ("generate", "throughput", "serve", "gemm", "attention", "sampler", "accuracy")
+
+
+def cmd_bench(args) -> int:
+    """Run bench/<name>.py of the source checkout with the remaining arguments."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        print(f"{script} not found: the benchmarks live in the source checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8-turbo", description="FP8 inference engine for Llama-family models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -140,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.cli_quant import add_commands  # quantize, eval
 
     add_commands(sub)
+
+    p = sub.add_parser("bench", help="run a benchmark of bench/ (prints a table, writes JSON + PNG to bench/out/)")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
