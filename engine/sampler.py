@@ -95,7 +95,7 @@ def compute_logprobs(
     token_logits = logits.gather(1, token_ids.view(-1, 1))  # [B, 1]
     # The rank is decided on the logits themselves: log_softmax only shifts a row.
     token_rank = _count_above(logits, token_logits).long() + 1
-    top_logits, top_ids = logits.topk(num_top, dim=-1)
+    top_logits, top_ids = top_k_of_rows(logits, num_top)
     return (token_logits - log_z).squeeze(1), token_rank, top_ids, top_logits - log_z
 
 
@@ -230,7 +230,7 @@ def _sample_top_k(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tenso
 
     Temperature does not change the order, so it is applied to those candidates only.
     """
-    best_logits, token_ids = x.topk(min(width, x.shape[1]), dim=-1)  # [N, width], descending
+    best_logits, token_ids = top_k_of_rows(x, min(width, x.shape[1]))  # [N, width], descending
     weights = ((best_logits - best_logits[:, :1]) / temperature[:, None]).exp()
     weights = candidate_weights(weights, top_k, top_p, min_p)
     return token_ids.gather(1, draw_from_weights(weights, uniform)[:, None]).squeeze(1)
@@ -342,10 +342,10 @@ class Sampler:
             apply_penalties(logits, rows)
 
         token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
-        # 4: greedy. max() is much faster than argmax() on CPU and returns the same index.
+        # 4: greedy.
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         if greedy:
-            token_ids[_index(greedy, device)] = _rows(logits, greedy).max(dim=-1).indices
+            token_ids[_index(greedy, device)] = argmax_of_rows(_rows(logits, greedy))
         # 5-7: the rest.
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
@@ -419,6 +419,41 @@ class Sampler:
 
 # Full-vocabulary reductions below use float arithmetic only: on CPU, comparisons that build bool
 # tensors (x > level, torch.where, masked_fill) are 3-6x slower than relu/sign/sum on floats.
+
+
+def argmax_of_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) (the first index of each row's maximum) for x [N, V], 3x faster on CPU.
+
+    The first block of 256 that holds the maximum (amax is vectorised, argmax is not), then the
+    first maximum inside it.
+    """
+    num_rows, width = x.shape
+    if width % 256 or width < 4096:
+        return x.argmax(dim=-1)
+    blocks = x.view(num_rows, width // 256, 256)
+    block = blocks.amax(dim=-1).argmax(dim=-1)  # [N]
+    inside = blocks[torch.arange(num_rows, device=x.device), block].argmax(dim=-1)
+    return block * 256 + inside
+
+
+def top_k_of_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) for x [N, V] (values descending, and their indices), 2-4x faster on CPU.
+
+    Split each row into blocks and keep the k blocks with the largest maxima: every one of the k
+    largest values lies in one of them (a block holding one has a maximum at least that large, and
+    fewer than k other blocks can beat it), so torch.topk over those k * block values finds them all.
+    """
+    num_rows, width = x.shape
+    block = 256
+    while block > 16 and k * block > width // 16:  # candidates: about 1/16 of the row
+        block //= 2
+    if k * block > width // 8 or width % block:
+        return x.topk(k, dim=-1)
+    blocks = x.view(num_rows, width // block, block)
+    best_blocks = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [N, k]
+    candidates = blocks.gather(1, best_blocks[:, :, None].expand(-1, -1, block))  # [N, k, block]
+    values, where = candidates.view(num_rows, k * block).topk(k, dim=-1)
+    return values, best_blocks.gather(1, where // block) * block + where % block
 
 
 def _count_above(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:

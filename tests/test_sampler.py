@@ -30,12 +30,14 @@ from transformers.generation.logits_process import (
 import engine.sampler as sampler_module
 from engine.sampler import (
     Sampler,
+    argmax_of_rows,
     SamplingRow,
     apply_penalties,
     compute_logprobs,
     draw_from_weights,
     make_generator,
     processed_probs,
+    top_k_of_rows,
 )
 from engine.sampling_params import SamplingParams
 
@@ -253,6 +255,29 @@ def test_two_level_draw_never_returns_a_zero_weight():
     cumulative = weights.double().cumsum(dim=-1)
     expected = torch.searchsorted(cumulative, (uniform.double() * cumulative[:, -1])[:, None]).squeeze(1)
     assert (positions == expected).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("vocab", [40, 4096, 49152, 50257])
+@pytest.mark.parametrize("k", [0, 1, 5, 64, 999])
+def test_top_k_of_rows_equals_torch_topk(vocab, k):
+    if k > vocab:
+        return
+    x = random_logits(16, 4, vocab)
+    x[0] = 0.0  # one value everywhere
+    x[1, ::7] = 9.0  # many ties at the top
+    values, ids = top_k_of_rows(x, k)
+    assert torch.equal(values, x.topk(k, dim=-1).values)
+    assert torch.equal(x.gather(1, ids), values)
+    assert bool((ids.sort(dim=-1).values.diff(dim=-1) != 0).all())  # k different tokens
+
+
+@pytest.mark.parametrize("vocab", [40, 4096, 49152, 50257])
+def test_argmax_of_rows_equals_torch_argmax(vocab):
+    x = random_logits(17, 5, vocab)
+    x[0] = 0.0  # one value everywhere: the first index
+    x[1, 3::500] = 9.0  # ties in different blocks
+    x[2, vocab - 1] = 50.0  # the last token
+    assert torch.equal(argmax_of_rows(x), x.argmax(dim=-1))
 
 
 def test_seeded_draws_follow_the_distribution():
