@@ -241,9 +241,6 @@ class Fp8Loader:
         if m.scheme == "none":  # kept in high precision (user ignore): dequantize exactly
             m.weight.data.copy_(dequantize_fp8(q.float(), scale).to(q.dtype))
             return
-        if q.is_cuda and scale.dim() == 2 and scale.shape[0] == m.out_features and scale.shape[1] > 1:
-            raise Fp8CheckpointError(f"{m.name}: per-row-group weight scales (block scales of shards not aligned "
-                                     "to 128 rows) are not supported by fp8_gemm on CUDA yet")
         m.set_fp8_weight(q.to(FP8_DTYPE), scale.to(q.device))
         if self.spec.static_input:
             inputs = [self.scales.get((s, "input_scale")) for s in shards]
