@@ -17,8 +17,9 @@ run: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m engine chat --model $(MODEL) --quantization $(QUANT)
 
+# One torch thread per xdist worker: two workers with two threads each on two cores thrash.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(PY) bench/generate.py
