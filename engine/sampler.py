@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -124,36 +125,46 @@ def apply_logit_bias_and_min_tokens(logits: torch.Tensor, rows: Sequence[Samplin
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Repetition penalty (prompt + output), then frequency/presence penalties (output only)."""
+    """Repetition penalty (prompt + output), then presence and frequency penalties (output only).
+
+    Token lists are used as they are, repeats included: a repeated index in a write gets the same
+    value every time, and frequency counts come from index_add_ adding once per occurrence.
+    """
     vocab_size, device = logits.shape[1], logits.device
     flat = logits.view(-1)
 
-    def flat_ids(row_index: int, token_ids: Sequence[int]) -> torch.Tensor:
-        return torch.as_tensor(token_ids, dtype=torch.long) + row_index * vocab_size
+    def column(name: str) -> torch.Tensor:  # [B] one parameter of every row
+        return torch.tensor([getattr(row.params, name) for row in rows], device=device)
 
     repeat_rows = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     if repeat_rows:
-        penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeat_rows], device=device)
-        seen_ids = torch.cat(
-            [flat_ids(i, rows[i].prompt_token_ids) for i in repeat_rows]
-            + [flat_ids(i, rows[i].output_token_ids) for i in repeat_rows]
-        ).to(device)
-        seen_ids = torch.unique(seen_ids)  # a token is penalised once however often it appeared
-        row_penalty = penalty[torch.searchsorted(torch.tensor(repeat_rows, device=device), seen_ids // vocab_size)]
-        seen = flat[seen_ids]
-        flat[seen_ids] = torch.where(seen > 0, seen / row_penalty, seen * row_penalty)
+        seen = _flat_token_ids(rows, repeat_rows, vocab_size, with_prompt=True).to(device)
+        penalty = column("repetition_penalty")[seen // vocab_size]
+        logit = flat[seen]
+        flat[seen] = torch.where(logit > 0, logit / penalty, logit * penalty)
 
     counted_rows = [
         i for i, row in enumerate(rows)
         if (row.params.frequency_penalty != 0.0 or row.params.presence_penalty != 0.0) and row.output_token_ids
     ]
     if counted_rows:
-        frequency = torch.tensor([rows[i].params.frequency_penalty for i in counted_rows], device=device)
-        presence = torch.tensor([rows[i].params.presence_penalty for i in counted_rows], device=device)
-        output_ids = torch.cat([flat_ids(i, rows[i].output_token_ids) for i in counted_rows]).to(device)
-        output_ids, counts = torch.unique(output_ids, return_counts=True)
-        which = torch.searchsorted(torch.tensor(counted_rows, device=device), output_ids // vocab_size)
-        flat[output_ids] -= counts * frequency[which] + presence[which]
+        generated = _flat_token_ids(rows, counted_rows, vocab_size, with_prompt=False).to(device)
+        row_of = generated // vocab_size
+        flat[generated] = flat[generated] - column("presence_penalty")[row_of]  # once per distinct token
+        flat.index_add_(0, generated, -column("frequency_penalty")[row_of])  # once per occurrence
+
+
+def _flat_token_ids(rows: Sequence[SamplingRow], positions: list[int], vocab_size: int, *,
+                    with_prompt: bool) -> torch.Tensor:
+    """The generated (and prompt) token ids of the rows at `positions` as row * vocab_size + token.
+
+    Built in numpy: converting Python lists is ~3x faster there than with torch.as_tensor.
+    """
+    parts = []
+    for i in positions:
+        lists = (rows[i].prompt_token_ids, rows[i].output_token_ids) if with_prompt else (rows[i].output_token_ids,)
+        parts += [np.asarray(ids, dtype=np.int64) + i * vocab_size for ids in lists]
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def _check_token(token: int, vocab_size: int, field: str) -> None:
