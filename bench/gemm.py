@@ -38,7 +38,7 @@ if not GPU:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.fp8 import quantize_weight  # noqa: E402
-from kernels.fp8_gemm import fp8_gemm  # noqa: E402
+from kernels.gemm import fp8_gemm  # noqa: E402
 from kernels.quantize import quantize_fp8  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

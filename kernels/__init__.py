@@ -9,7 +9,7 @@
 Dispatch (kernels/backend.py): CUDA tensors run Triton; CPU tensors run the torch reference, or
 Triton in the interpreter when TRITON_INTERPRET=1 is set before triton is imported.
 """
-from kernels.fp8_gemm import fp8_gemm
+from kernels.gemm import fp8_gemm
 from kernels.kv_write import write_kv
 from kernels.paged_attention import paged_attention_decode, paged_attention_prefill
 from kernels.quantize import quantize_fp8

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight  # noqa: E402
-from kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference  # noqa: E402
+from kernels.gemm import fp8_gemm, fp8_gemm_reference  # noqa: E402
 from kernels.quantize import quantize_fp8  # noqa: E402
 
 GPU_MMA_REL = 2.0**-11

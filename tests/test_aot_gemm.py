@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import fp8_gemm as gemm
+import kernels.gemm as gemm
 from kernels import quantize as quant
 
 H100_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on H100 (228 KB per SM)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
-from kernels.fp8_gemm import (
+from kernels.gemm import (
     DECODE_CONFIGS,
     GEMM_CONFIGS,
     PREFILL_CONFIGS,
@@ -169,7 +169,7 @@ def interp_kernel_matches_reference(m, n, k, act, weight, has_bias, out_dtype, s
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("act, weight", [("token", "channel"), ("group", "block"), ("tensor", "group")])
 def interp_split_k(act, weight, split_k):
-    from kernels.fp8_gemm import _check_args, _fp8_gemm_triton
+    from kernels.gemm import _check_args, _fp8_gemm_triton
 
     a, b, a_scale, b_scale, bias = operands(5, 77, 700, act, weight, seed=split_k)
     layouts = _check_args(a, b, a_scale, b_scale, torch.bfloat16, bias)
