@@ -35,6 +35,7 @@ import torch
 from engine.sampling_params import SamplingParams
 
 _TOP_K_WIDTHS = (64, 256, 1000)  # top_k rows are grouped by the smallest of these that holds their k
+_RANK_WINDOW = 20  # compute_logprobs counts exactly only for tokens outside a row's best 20
 _DRAW_BLOCK = 256  # a draw over the whole vocabulary picks a block of this many tokens first
 _NUCLEUS_TRIES = 16  # rejection tries for a top_p row before the exact sorted path (each succeeds w.p. >= top_p)
 
@@ -94,9 +95,15 @@ def compute_logprobs(
     logits = logits.float()
     log_z = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
     token_logits = logits.gather(1, token_ids.view(-1, 1))  # [B, 1]
-    # The rank is decided on the logits themselves: log_softmax only shifts a row.
-    token_rank = _count_above(logits, token_logits).long() + 1
-    top_logits, top_ids = top_k_of_rows(logits, num_top)
+    # The rank is decided on the logits themselves (log_softmax only shifts a row): 1 + the number
+    # of larger ones. A token among a row's best _RANK_WINDOW has all of those before it in the list.
+    window = min(max(num_top, _RANK_WINDOW), logits.shape[1])
+    top_logits, top_ids = top_k_of_rows(logits, window)
+    in_window = (top_ids == token_ids.view(-1, 1)).any(dim=-1)
+    token_rank = (top_logits > token_logits).sum(dim=-1) + 1
+    if not bool(in_window.all()):  # one host sync; the full count only when some token ranks lower
+        token_rank = torch.where(in_window, token_rank, _count_above(logits, token_logits).long() + 1)
+    top_logits, top_ids = top_logits[:, :num_top], top_ids[:, :num_top]
     return (token_logits - log_z).squeeze(1), token_rank, top_ids, top_logits - log_z
 
 
@@ -237,7 +244,8 @@ def _first_reaching(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tenso
 
 def _sample_top_k(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor, uniform: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows with top_k <= width: everything they may keep is among their `width` best tokens.
+    """Rows with top_k <= width: everything they may keep is among their `width` best tokens
+    (a row with a smaller top_k gives the extra ones weight 0, so its draw does not change).
 
     Temperature does not change the order, so it is applied to those candidates only.
     """
@@ -390,13 +398,14 @@ class Sampler:
             return torch.tensor([getattr(rows[i].params, name) for i in group], device=device)
 
         # Rows with top_k, grouped by how many candidates they need (at most 999).
-        for low, width in zip((0,) + _TOP_K_WIDTHS, _TOP_K_WIDTHS):
-            group = [i for i in sampled if low < rows[i].params.top_k <= width]
+        for low, high in zip((0,) + _TOP_K_WIDTHS, _TOP_K_WIDTHS):
+            group = [i for i in sampled if low < rows[i].params.top_k <= high]
             if group:
                 index = _index(group, device)
                 token_ids[index] = _sample_top_k(
                     _rows(logits, group), column("temperature", group), column("top_k", group),
-                    column("top_p", group), column("min_p", group), uniforms[index, 0], width,
+                    column("top_p", group), column("min_p", group), uniforms[index, 0],
+                    max(rows[i].params.top_k for i in group),
                 )
         # Rows without top_k: with top_p, then plain.
         for with_top_p in (True, False):
@@ -478,9 +487,12 @@ def _keep_above(weights: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
 
 
 def _mass_above(weights: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """[N]: the sum of the entries of each row of weights [N, V] that exceed level [N, 1]."""
-    excess = (weights - level).relu_()
-    return excess.sum(dim=-1) + level[:, 0] * excess.sign_().sum(dim=-1)
+    """[N]: the sum of the entries of each row of weights [N, V] that exceed level [N, 1] > 0.
+
+    threshold_ takes one threshold for all rows, so compare weights / level with 1 (an entry within
+    one float step of level may count either way).
+    """
+    return torch.nn.functional.threshold_(weights / level, 1.0, 0.0).sum(dim=-1) * level[:, 0]
 
 
 def _has_penalty(params: SamplingParams) -> bool:

@@ -422,6 +422,11 @@ def test_compute_logprobs_matches_log_softmax():
     assert rank[5] == 1
     assert torch.equal(top_ids, order[:, :4])
     torch.testing.assert_close(top_lp, expected.gather(1, order[:, :4]))
+    # Tokens all among each row's best 20 (ranks read from the top list, no full count), ties too.
+    logits[:, 50] = logits[:, 60] = logits.max(dim=-1).values + 1.0
+    token_ids = torch.tensor([50, 60, int(order[2, 3]), int(order[3, 17]), int(order[4, 0]), int(order[5, 7])])
+    _, rank, _, _ = compute_logprobs(logits, token_ids, 0)
+    assert rank.tolist() == [1, 1, 6, 20, 3, 10]
 
 
 def test_sampler_logprobs_come_from_the_raw_logits():
