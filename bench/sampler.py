@@ -5,9 +5,13 @@ top_p seeded, greedy, top_k, greedy + repetition penalty, plain temperature, top
 penalties seeded, min_p, top_k + top_p + repetition penalty + 5 logprobs (prompt 256 tokens, 128
 generated). Batch 1 is the first kind (top_p, seeded).
 
-The step is a stand-in, measured in the same run: the linear layers of SmolLM2's 30 layers (hidden
-576, MLP 1536, 9 heads x 64, 3 KV heads) plus the lm_head at that vocab, in fp32 at that batch.
-Attention, norms and rotary are left out, so the real step is longer and the real share smaller.
+Two steps to compare with, both measured in the same run:
+- proxy: the linear layers of SmolLM2's 30 layers (hidden 576, MLP 1536, 9 heads x 64, 3 KV heads)
+  plus the lm_head at that vocab, fp32, at that batch. Attention, norms and rotary are left out, so
+  the real step is longer and the real share smaller. Gives the 128256 column too.
+- engine: the real thing, vocab 49152: `LLM("smollm2-135m-instruct")` generating 24 tokens for B
+  short prompts with the same parameter mix; the sampler call and `engine.step()` are timed inside
+  the engine (median over the steps that sample all B rows).
 
 Logits: `real` = SmolLM2-135M-Instruct's logits at 64 positions of a text (teacher-forced, from the
 embedded GGUF through transformers, cached in bench/out/); for vocab 128256 each row gets 79104
@@ -15,6 +19,7 @@ extra tokens drawn from its own lower half, so the head of the distribution stay
 N(0, 2^2) logits, where top_p nuclei span most of the vocabulary (a worst case for top_p).
 
     .venv/bin/python bench/sampler.py [--logits real,random] [--runs 9] [--device cpu] [--clock wall|cpu]
+                                      [--engine none,fp8]
 Prints a markdown table, writes bench/out/sampler.json and bench/out/sampler.png.
 `--clock cpu` runs torch on one thread and times the thread's CPU time: on a shared, busy machine
 that is the stable number (wall time there mostly measures waiting for a core).
@@ -164,8 +169,50 @@ def measure(source: str, batch: int, vocab: int, step: ProxyStep, runs: int, dev
             sampler_times.append(t_sample)
             step_times.append(t_step)
     sampler_ms, step_ms = statistics.median(sampler_times) * 1e3, statistics.median(step_times) * 1e3
-    return dict(logits=source, vocab=vocab, batch=batch, sampler_ms=sampler_ms, step_ms=step_ms,
+    return dict(step="proxy", logits=source, vocab=vocab, batch=batch, sampler_ms=sampler_ms, step_ms=step_ms,
                 share=sampler_ms / step_ms)
+
+
+def measure_engine(quantization: str, batches: tuple[int, ...], clock) -> list[dict]:
+    """Sampler time inside the real engine's decode steps, for each batch size."""
+    from engine import LLM
+
+    llm = LLM("smollm2-135m-instruct", quantization=quantization, device="cpu")
+    engine, sampler, step = llm.engine, llm.engine.sampler, llm.engine.step
+    calls: list[tuple[int, float, float]] = []  # (rows sampled, sampler seconds, step seconds)
+
+    def timed_sampler(logits, rows):
+        start = clock()
+        out = sampler(logits, rows)
+        calls.append((len(rows), clock() - start, 0.0))
+        return out
+
+    def timed_step():
+        start = clock()
+        out = step()
+        if calls and calls[-1][2] == 0.0:
+            calls[-1] = (calls[-1][0], calls[-1][1], clock() - start)
+        return out
+
+    engine.sampler, engine.step = timed_sampler, timed_step
+    results = []
+    for batch in batches:
+        calls.clear()
+        prompts = [f"Write a short story about lighthouse keeper number {i}." for i in range(batch)]
+        params = []
+        for i in range(batch):
+            kind = dict(KINDS[i % len(KINDS)])
+            if "seed" in kind:
+                kind["seed"] += i
+            params.append(SamplingParams(**kind, max_tokens=24, ignore_eos=True))
+        llm.generate(prompts, params)
+        full = [(s, t) for n, s, t in calls if n == batch and t > 0][1:]  # skip the prefill step
+        sampler_ms = statistics.median(s for s, _ in full) * 1e3
+        step_ms = statistics.median(t for _, t in full) * 1e3
+        results.append(dict(step=f"engine ({quantization})", logits="model", vocab=49152, batch=batch,
+                            sampler_ms=sampler_ms, step_ms=step_ms, share=sampler_ms / step_ms))
+    engine.sampler, engine.step = sampler, step
+    return results
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -174,11 +221,16 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['logits']}\nV={r['vocab'] // 1000}k B={r['batch']}" for r in results]
-    ax.bar(range(len(results)), [100 * r["share"] for r in results], color="tab:blue")
+    groups = list(dict.fromkeys((r["step"], r["logits"], r["vocab"]) for r in results))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(BATCHES)
+    for j, batch in enumerate(BATCHES):
+        share = {(r["step"], r["logits"], r["vocab"]): 100 * r["share"] for r in results if r["batch"] == batch}
+        xs = [g + (j - (len(BATCHES) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [share.get(key, 0.0) for key in groups], width, label=f"batch {batch}")
+    ax.set_xticks(range(len(groups)), [f"{step}\n{logits} logits\nV={vocab}" for step, logits, vocab in groups],
+                  fontsize=8)
     ax.axhline(5, color="tab:red", linestyle="--", label="goal: 5% at batch 64")
-    ax.set_xticks(range(len(results)), labels, fontsize=7)
     ax.set_ylabel("sampler time / step time (%)")
     ax.set_title(title, fontsize=9)
     ax.legend()
@@ -192,6 +244,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--engine", default="none,fp8", help="quantizations to run the real engine with ('' = skip)")
     args = parser.parse_args()
     device = torch.device(args.device)
     clock = time.perf_counter
@@ -207,13 +260,16 @@ def main() -> None:
             for batch in BATCHES:
                 results.append(measure(source, batch, vocab, step, args.runs, device, clock))
         del step
+    for quantization in filter(None, args.engine.split(",")):
+        results += measure_engine(quantization, BATCHES, clock)
 
     where = machine(device) + (", CPU time of one thread" if args.clock == "cpu" else ", wall time")
     print(f"Sampler vs a SmolLM2-sized decode step (linear layers + lm_head, fp32), {where}, median of {args.runs}\n")
-    print("| logits | vocab | batch | sampler ms | step ms | sampler / step |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| step | logits | vocab | batch | sampler ms | step ms | sampler / step |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['logits']} | {r['vocab']} | {r['batch']} | {r['sampler_ms']:.2f} | {r['step_ms']:.1f} | {100 * r['share']:.1f}% |")
+        print(f"| {r['step']} | {r['logits']} | {r['vocab']} | {r['batch']} | {r['sampler_ms']:.2f} | {r['step_ms']:.1f} "
+              f"| {100 * r['share']:.1f}% |")
     OUT.mkdir(exist_ok=True)
     (OUT / "sampler.json").write_text(json.dumps({"machine": where, "clock": args.clock, "runs": args.runs, "results": results}, indent=2))
     plot(results, OUT / "sampler.png", f"sampler share of a decode step, {where}")
