@@ -28,17 +28,8 @@ from transformers.generation.logits_process import (
 )
 
 import engine.sampler as sampler_module
-from engine.sampler import (
-    Sampler,
-    argmax_of_rows,
-    SamplingRow,
-    apply_penalties,
-    compute_logprobs,
-    draw_from_weights,
-    make_generator,
-    processed_probs,
-    top_k_of_rows,
-)
+from engine.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs, make_generator, processed_probs
+from engine.sampling_ops import argmax_of_rows, draw_from_weights, top_k_of_rows
 from engine.sampling_params import SamplingParams
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True)
