@@ -306,9 +306,11 @@ class Sampler:
             group = [i for i in sampled if rows[i].params.top_k == 0 and (rows[i].params.top_p < 1.0) == with_top_p]
             if group:
                 index = _index(group, device)
+                any_min_p = any(rows[i].params.min_p > 0.0 for i in group)  # decided here: no device sync
                 token_ids[index] = sample_vocabulary(
                     _rows(logits, group), column("temperature", group),
-                    column("top_p", group) if with_top_p else None, column("min_p", group), uniforms[index],
+                    column("top_p", group) if with_top_p else None,
+                    column("min_p", group) if any_min_p else None, uniforms[index],
                 )
 
     def _uniforms(self, rows: Sequence[SamplingRow], sampled: list[int], device: torch.device) -> torch.Tensor:

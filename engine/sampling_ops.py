@@ -123,7 +123,7 @@ def sample_top_k(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
 
 
 def sample_vocabulary(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None,
-                      min_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+                      min_p: torch.Tensor | None, uniforms: torch.Tensor) -> torch.Tensor:
     """Rows without top_k: a draw over the whole vocabulary, with top_p but without sorting.
 
     top_p by rejection with a rising floor (the sorting-free top-p sampling of FlashInfer): draw
@@ -131,13 +131,15 @@ def sample_vocabulary(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     hold less than top_p of the mass, and is kept; otherwise the floor rises to its weight and the row
     draws again. Every candidate set still holds the whole nucleus, so a kept draw follows the nucleus
     distribution exactly; each try succeeds with probability >= top_p. Rows still drawing after
-    the last try take the exact sorted path. top_p None: no row has top_p, every first draw is kept.
-    x [N, V] is overwritten; uniforms [N, tries + 1].
+    the last try take the exact sorted path. top_p / min_p None: no row has one (so every first draw
+    is kept / nothing is masked). x [N, V] is overwritten; uniforms [N, tries + 1].
     """
     weights = x.sub_(x.amax(dim=-1, keepdim=True)).div_(temperature[:, None]).exp_()  # [N, V], max 1
     mass = weights.sum(dim=-1) if top_p is not None else None  # before min_p: top_p comes first
-    if bool((min_p > 0).any()):  # keep w >= min_p, i.e. w > the float just below min_p
+    if min_p is not None:  # keep w >= min_p, i.e. w > the float just below min_p
         weights = _keep_above(weights, torch.nextafter(min_p, torch.zeros_like(min_p))[:, None])
+    else:
+        min_p = torch.zeros_like(temperature)
     tokens = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     pending = torch.arange(x.shape[0], device=x.device)
     candidates = weights
