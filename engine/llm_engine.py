@@ -110,6 +110,10 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"{name} has token ids {outside[:5]} outside the vocabulary [0, {vocab})")
         n_prompt = len(prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n_prompt} tokens, but max_model_len is {self.max_model_len} "

@@ -81,3 +81,11 @@ def test_fp8_kv_cache_doubles_capacity_and_stays_close(path):
     lp_fp8 = [e[t].logprob for e, t in zip(fp8.generate([{"prompt_token_ids": ids}], p)[0].prompt_logprobs[1:], ids[1:])]
     # e4m3 keys/values carry ~3 significant bits; on this random model the logprobs move by < 0.1 nat.
     assert max(abs(x - y) for x, y in zip(lp_auto, lp_fp8)) < 0.1
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected_up_front(path):
+    llm = LLM(path, device="cpu")
+    for params in (SamplingParams(stop_token_ids=[VOCAB + 5]), SamplingParams(logit_bias={VOCAB: 1.0})):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([{"prompt_token_ids": [5, 6]}], params)
+    assert not llm.engine.has_unfinished_requests()
