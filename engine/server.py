@@ -27,8 +27,10 @@ from engine.async_engine import AsyncLLMEngine, EngineDeadError
 from engine.llm_engine import LLMEngine, PromptTooLongError
 from engine.metrics import ServerMetrics
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.protocol import (API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M, APIError, ChatCompletionRequest, CompletionRequest, _SamplingFields, chat_logprobs,
-                             completion_logprobs, envelope, error_body, new_id, pydantic_error, usage, value_error)
+from engine.protocol import (
+    API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M, APIError, ChatCompletionRequest, CompletionRequest,
+    _SamplingFields, chat_logprobs, completion_logprobs, envelope, error_body, new_id, pydantic_error, usage, value_error,
+)
 from engine.sampling_params import SamplingParams
 from tokenizer import parse_tool_calls
 
