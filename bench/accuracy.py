@@ -18,15 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.linear import DEFAULT_IGNORE  # noqa: E402
 from engine.accuracy import (DEFAULT_SCHEMES, corpus_text, corpus_windows, evaluate, plot, sensitivity_sweep,  # noqa: E402
                              to_json, to_markdown)
 
 OUT = Path(__file__).resolve().parent / "out"
-# Ignore-list variants of the default scheme, from what the sweep ranks on top (first/last down_proj).
+# Ignore-list variants of fp8 around the default (engine.linear.DEFAULT_IGNORE: lm_head + last block's MLP).
 VARIANTS = {
-    "fp8+keep-down0": ("lm_head", "model.layers.0.mlp.down_proj"),
-    "fp8+keep-down0,29": ("lm_head", "model.layers.0.mlp.down_proj", "model.layers.29.mlp.down_proj"),
-    "fp8+keep-all-down": ("lm_head", "*.down_proj"),
+    "fp8, lm_head only": ("lm_head",),
+    "fp8, + first block's MLP": (*DEFAULT_IGNORE, "model.layers.0.mlp.*"),
+    "fp8, + every down_proj": (*DEFAULT_IGNORE, "*.down_proj"),
 }
 
 
@@ -64,12 +65,12 @@ def main() -> int:
 
         data = json.loads((OUT / "accuracy.json").read_text())
         return _report([EvalResult(**r) for r in data["results"]], data["meta"], sweep_file)
-    configs = [(s, s, ("lm_head",)) for s in DEFAULT_SCHEMES]
+    configs = [(s, s, DEFAULT_IGNORE) for s in DEFAULT_SCHEMES]
     if not args.no_variants:
         configs += [(label, "fp8", ignore) for label, ignore in VARIANTS.items()]
     for v in args.variant:
         label, _, pats = v.partition("=")
-        configs.append((label, "fp8", ("lm_head", *pats.split(","))))
+        configs.append((label, "fp8", (*DEFAULT_IGNORE, *pats.split(","))))
     t0 = time.perf_counter()
     results, _ = evaluate(args.model, configs, corpus=args.corpus, tokens=args.tokens, window=args.window,
                           log=lambda s: print(s, flush=True))

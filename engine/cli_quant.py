@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from engine.accuracy import DEFAULT_SCHEMES
+from engine.linear import DEFAULT_IGNORE
 from engine.loader import DEFAULT_MODEL
 
 
@@ -25,7 +26,7 @@ def cmd_quantize(args) -> int:
         from engine.accuracy import calibrate_input_scales
 
         input_scales = calibrate_input_scales(args.model, args.calibration_tokens)
-    out = save_quantized(args.model, args.out, args.scheme, ("lm_head", *_patterns(args.ignore)), input_scales)
+    out = save_quantized(args.model, args.out, args.scheme, (*DEFAULT_IGNORE, *_patterns(args.ignore)), input_scales)
     print(f"wrote {args.scheme} checkpoint to {out}")
     return 0
 
@@ -33,7 +34,7 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from engine.accuracy import evaluate, plot, sensitivity_sweep, to_json, to_markdown
 
-    configs = [(s, s, ("lm_head", *_patterns(args.ignore))) for s in args.schemes if s != "none"]
+    configs = [(s, s, (*DEFAULT_IGNORE, *_patterns(args.ignore))) for s in args.schemes if s != "none"]
     results, windows = evaluate(args.model, configs, corpus=args.corpus, tokens=args.tokens, window=args.window,
                                 log=lambda s: print(s, file=sys.stderr))
     sweep = None

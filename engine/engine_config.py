@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.linear import QUANT_SCHEMES
+from engine.linear import DEFAULT_IGNORE, QUANT_SCHEMES
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -14,7 +14,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 class EngineConfig:
     model: str
     quantization: str | None = None  # None/"none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only"
-    quantization_ignore: tuple[str, ...] = ("lm_head",)
+    quantization_ignore: tuple[str, ...] = DEFAULT_IGNORE  # module patterns kept in high precision
     kv_cache_dtype: str = "auto"
     device: str = "auto"  # "auto" -> cuda when available, else cpu
     dtype: str = "auto"  # "auto" -> bfloat16 on CUDA, float32 on CPU

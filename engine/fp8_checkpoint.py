@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.linear import Linear, QuantConfig
+from engine.linear import DEFAULT_IGNORE, Linear, QuantConfig
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8, expand_scale, quantize_weight
 
 logger = logging.getLogger("fp8_turbo")
@@ -66,12 +66,14 @@ class Fp8Checkpoint:
     static_input: bool  # per-tensor activations with the checkpoint's input_scale
 
     def quant_config(self, requested: QuantConfig) -> QuantConfig:
-        """The checkpoint decides the scheme; the user's ignore patterns keep more layers in high
-        precision (their FP8 weights are dequantized exactly)."""
+        """The checkpoint decides the scheme and its ignore list replaces our default one; patterns the
+        user adds beyond the default keep more layers in high precision (their FP8 weights are
+        dequantized exactly)."""
         if requested.scheme not in ("none", self.scheme):
             logger.warning("checkpoint is pre-quantized as %s (%s); ignoring quantization=%r",
                            self.scheme, self.method, requested.scheme)
-        return QuantConfig(self.scheme, tuple(dict.fromkeys((*self.ignore, *requested.ignore))))
+        extra = tuple(p for p in requested.ignore if p not in DEFAULT_IGNORE)
+        return QuantConfig(self.scheme, tuple(dict.fromkeys((*self.ignore, *extra))))
 
 
 # ---------------------------------------------------------------------------------------- detect
@@ -336,7 +338,7 @@ def quantized_tensors(tensors: Iterator[tuple[str, torch.Tensor]], quant: QuantC
             yield f"{module}.input_scale", input_scales[fused_name(module)].float().reshape(1).clone()
 
 
-def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tuple[str, ...] = ("lm_head",),
+def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tuple[str, ...] = DEFAULT_IGNORE,
                    input_scales: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (an HF dir, .gguf file or model id) as a compressed-tensors FP8 checkpoint in `out`:
     config.json with quantization_config, tokenizer files, model.safetensors with F8_E4M3 weights,
@@ -352,7 +354,7 @@ def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tup
     if hf_config.get("quantization_config"):
         raise ValueError(f"{model} is already quantized ({hf_config['quantization_config'].get('quant_method')})")
     cfg = ModelConfig.from_hf_dict(hf_config)
-    quant = QuantConfig(scheme, ignore)
+    quant = QuantConfig(scheme, ignore).for_model(cfg.num_layers)
     if quant.scheme == "none":
         raise ValueError("save_quantized: scheme 'none' writes nothing quantized; pick an fp8 scheme")
     ignored = [n for n in linear_names(cfg) if not (quant.applies_to(n) and quant.applies_to(fused_name(n)))]

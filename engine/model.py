@@ -116,7 +116,7 @@ class Block(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None):
         super().__init__()
-        quant = quant or QuantConfig()
+        quant = (quant or QuantConfig()).for_model(cfg.num_layers)
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg)

@@ -76,7 +76,7 @@ def test_fp8_round_trip_is_bit_exact(src, tmp_path):
 
 @pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-block", "fp8-weight-only"])
 def test_each_scheme_loads_to_fake_quant_reference(src, tmp_path, scheme):
-    out = save_quantized(str(src), tmp_path / scheme, scheme)
+    out = save_quantized(str(src), tmp_path / scheme, scheme, ignore=("lm_head",))
     loaded, hf = LLM(str(out), device="cpu"), hf_weights(src)
     for m in linears(loaded):
         if m.name == "lm_head":
@@ -116,7 +116,7 @@ def test_ignore_keeps_layers_in_high_precision(src, tmp_path):
         if m.name.endswith("down_proj"):
             assert torch.equal(m.weight, hf[f"{m.name}.weight"])
     # a compressed-tensors `re:` ignore entry, read back from a checkpoint
-    out = save_quantized(str(src), tmp_path / "ckpt", "fp8")
+    out = save_quantized(str(src), tmp_path / "ckpt", "fp8", ignore=("lm_head",))
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["ignore"] = ["lm_head", "re:.*layers\\.0\\.mlp\\.down_proj$"]
     state = dict(iter_checkpoint_tensors(resolve_model(str(out))))
@@ -213,7 +213,7 @@ def test_nan_weight_is_a_clear_error(tmp_path):
 
 
 def test_unsupported_and_inconsistent_configs_raise(src, tmp_path):
-    out = save_quantized(str(src), tmp_path / "ckpt", "fp8")
+    out = save_quantized(str(src), tmp_path / "ckpt", "fp8", ignore=("lm_head",))
     cfg = json.loads((out / "config.json").read_text())
     bad = json.loads(json.dumps(cfg))
     bad["quantization_config"]["ignore"] = ["model.layers.0.self_attn.q_proj"]  # only one shard of qkv
@@ -229,3 +229,11 @@ def test_unsupported_and_inconsistent_configs_raise(src, tmp_path):
     (out / "config.json").write_text(json.dumps(bad))
     with pytest.raises(Fp8CheckpointError, match="awq"):
         LLM(str(out), device="cpu")
+
+
+def test_default_ignore_keeps_the_last_blocks_mlp(src):
+    """DEFAULT_IGNORE: lm_head and the last decoder block's MLP stay in high precision (bench/ACCURACY.md)."""
+    llm = LLM(str(src), device="cpu", quantization="fp8")
+    last = llm.engine.model_config.num_layers - 1
+    kept = {m.name for m in linears(llm) if m.scheme == "none"}
+    assert kept == {"lm_head", f"model.layers.{last}.mlp.gate_up_proj", f"model.layers.{last}.mlp.down_proj"}
