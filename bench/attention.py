@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +34,7 @@ if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton) are imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import time_ms  # noqa: E402
 from engine.kv_cache import kv_bytes_per_token  # noqa: E402
 from kernels.paged_attention import (  # noqa: E402
     paged_attention_decode_reference,
@@ -87,20 +86,6 @@ def make_case(batch, context, kv_dtype, device, heads, kv_heads, head_dim):
     return (q, *caches, tables.to(device), lens, head_dim ** -0.5, scale, scale)
 
 
-def time_ms(fn) -> float:
-    if GPU:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()  # warm-up (and, in the interpreter, the one-off parse of the kernel)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def bench(batches, contexts, kv_names, heads, kv_heads, head_dim):
     device = "cuda" if GPU else "cpu"
     rows = []
@@ -118,7 +103,7 @@ def bench(batches, contexts, kv_names, heads, kv_heads, head_dim):
                 if not GPU:
                     impls[CPU_PATH] = partial(paged_attention_decode_reference, *args)
                 for impl, fn in impls.items():
-                    ms = time_ms(fn)
+                    ms = time_ms(fn, GPU)
                     rows.append(dict(kv=kv, batch=batch, context=context, impl=impl, ms=ms, gbps=nbytes / ms / 1e6))
                 print(f"  done {kv} B={batch} ctx={context}", file=sys.stderr)
     return rows

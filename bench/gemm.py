@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +36,7 @@ if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton.jit) are imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import time_ms  # noqa: E402
 from kernels.fp8 import quantize_weight  # noqa: E402
 from kernels.gemm import fp8_gemm  # noqa: E402
 from kernels.quantize import quantize_fp8  # noqa: E402
@@ -62,20 +62,6 @@ def layer_shapes(tps: list[int], shrink: int = 1):
         for layer, (n, k) in LAYERS.items():
             n, k = (n // tp, k) if layer in COLUMN_PARALLEL else (n, k // tp)
             yield layer, tp, n // shrink, k // shrink
-
-
-def time_ms(fn, gpu: bool) -> float:
-    if gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()  # warm-up (and, in the interpreter, the one-off parse of the kernel)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def bench_shape(layer, tp, n, k, m_values, schemes, device):

@@ -6,27 +6,20 @@ the compiler or the interpreter at import), so setting it inside a test is too l
 module top would leak into the other modules of the xdist worker. The interpreter tests therefore run in a
 fresh process: test_interpreter_subprocess re-runs this file with TRITON_INTERPRET=1, where they execute.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from interpreter import in_interpreter, rerun_in_interpreter
 from kernels.backend import interpreting
 from kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
 
-in_interpreter = pytest.mark.skipif(not interpreting(), reason="runs in test_interpreter_subprocess (TRITON_INTERPRET=1)")
 
 
 @pytest.mark.skipif(interpreting(), reason="already in the interpreter")
 def test_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
-    assert "runs in test_interpreter_subprocess" not in r.stdout, r.stdout[-2000:]  # they did run
+    rerun_in_interpreter(__file__)
 
 
 def _caches(num_blocks, block_size, kvh, d, dtype):

@@ -5,14 +5,12 @@ The interpreter tests run in a fresh process with TRITON_INTERPRET=1 (test_inter
 the variable must be set before triton is imported and must not leak into other test modules; see
 tests/test_kv_write.py.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
+from interpreter import in_interpreter, rerun_in_interpreter
 from kernels.backend import interpreting
 from kernels.kv_write import write_kv
 from kernels.paged_attention import (
@@ -24,16 +22,11 @@ from kernels.paged_attention import (
 )
 
 FP8 = torch.float8_e4m3fn
-in_interpreter = pytest.mark.skipif(not interpreting(), reason="runs in test_interpreter_subprocess (TRITON_INTERPRET=1)")
 
 
 @pytest.mark.skipif(interpreting(), reason="already in the interpreter")
 def test_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
-    assert "runs in test_interpreter_subprocess" not in r.stdout, r.stdout[-2000:]  # they did run
+    rerun_in_interpreter(__file__)
 
 
 def _scatter(seq_lens, block_size, kvh, d, dtype, k_scale, v_scale, gen):
