@@ -46,7 +46,7 @@ class ModelRunner:
         for b, item in enumerate(batch):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
-            input_ids.extend(seq.all_token_ids[start:start + n])
+            input_ids.extend(seq.token_slice(start, start + n))
             pos = range(start, start + n)
             positions.extend(pos)
             table = seq.block_table
