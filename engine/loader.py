@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
@@ -122,10 +123,18 @@ def _shard_offsets(cfg: ModelConfig, fused: str) -> list[int]:
     return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
 
 
-def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model's (fused) parameters, checking names and shapes."""
+def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], stream_quantize: bool = False) -> None:
+    """Copy checkpoint tensors into the model's (fused) parameters, checking names and shapes.
+
+    Parameters still on the meta device are allocated when their first tensor arrives. With
+    `stream_quantize`, a quantized Linear is finalized (its weight quantized, the high-precision copy
+    dropped on CUDA) as soon as its last shard arrives, so loading never holds the whole model in
+    high precision: the peak is the FP8 weights plus a layer or two.
+    """
     cfg = model.cfg
+    device = model.embed_tokens.weight.device
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
     expected = {n for n in params if not n.startswith("lm_head.") or not cfg.tie_word_embeddings}
     filled: dict[str, int] = {}  # parameter name -> number of shards copied
     for name, tensor in tensors:
@@ -135,6 +144,11 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]])
         if target not in params:
             raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (no such parameter in a Llama model)")
         param = params[target]
+        if param.is_meta:
+            owner, _, leaf = target.rpartition(".")
+            param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+            setattr(modules[owner], leaf, param)
+            params[target] = param
         if shard is None:
             dst = param.data
         else:
@@ -145,14 +159,22 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]])
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(dst.shape)}")
         dst.copy_(tensor)
         filled[target] = filled.get(target, 0) + 1
+        owner = modules[target.rpartition(".")[0]]
+        if stream_quantize and isinstance(owner, Linear) and target.endswith(".weight") and filled[target] == _num_shards(target):
+            owner.finalize()
     if "lm_head.weight" not in filled:
         # Tied embeddings (or a checkpoint that omits lm_head): share the embedding matrix.
         model.lm_head.weight = model.embed_tokens.weight
         filled["lm_head.weight"] = 1
-    want_shards = {n: (3 if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias") else 2 if "gate_up_proj" in n else 1) for n in expected}
-    missing = sorted(n for n in expected if filled.get(n, 0) < want_shards[n])
+    missing = sorted(n for n in expected if filled.get(n, 0) < _num_shards(n))
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:4]}")
+
+
+def _num_shards(param_name: str) -> int:
+    """How many checkpoint tensors fill a parameter: 3 for fused q/k/v, 2 for gate/up, else 1."""
+    module = param_name.split(".")[-2]
+    return 3 if module == "qkv_proj" else 2 if module == "gate_up_proj" else 1
 
 
 def _target_param(hf_name: str) -> tuple[str, int | None]:
@@ -176,7 +198,15 @@ def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, devic
         quant = fp8_spec.quant_config(quant)
     with torch.device("meta"):
         model = LlamaModel(cfg, quant).to(dtype)
-    model = model.to_empty(device=device)
+    # Allocate everything now except the weights of Linears we quantize ourselves: those arrive one at a
+    # time in load_weights and are quantized as soon as they are complete.
+    stream = fp8_spec is None
+    for m in model.modules():
+        deferred = stream and isinstance(m, Linear) and m.scheme != "none"
+        if not deferred:
+            m.to_empty(device=device, recurse=False)
+        elif m.bias is not None:
+            m.bias = nn.Parameter(torch.empty(m.out_features, dtype=dtype, device=device), requires_grad=False)
     model.rotary = RotaryEmbedding(cfg).to(device)  # to_empty left its buffer uninitialized
     if cfg.attention_bias or cfg.mlp_bias:
         for m in model.modules():
@@ -184,7 +214,7 @@ def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, devic
                 m.bias.data.zero_()
     tensors = iter_checkpoint_tensors(source)
     if fp8_spec is None:
-        load_weights(model, tensors)
+        load_weights(model, tensors, stream_quantize=True)
     else:
         fp8_loader = Fp8Loader(fp8_spec, cfg)
         load_weights(model, fp8_loader.filter(tensors))
