@@ -124,8 +124,13 @@ def bench_server(name: str, cmd: list[str], model: str, args, extra: dict) -> li
     try:
         asyncio.run(run_load(url, model, 1, 1, 4, extra))  # warm-up
         for clients in args.clients:
-            row = {"server": name, **asyncio.run(run_load(url, model, clients, args.requests_per_client,
-                                                          args.max_tokens, extra))}
+            try:
+                row = {"server": name, **asyncio.run(run_load(url, model, clients, args.requests_per_client,
+                                                              args.max_tokens, extra))}
+            except httpx.HTTPError as e:  # a peer that cannot take this load: record it, stop loading it
+                print(f"  {name:12s} {clients:3d} clients: FAILED ({type(e).__name__}: {e})", flush=True)
+                rows.append({"server": name, "clients": clients, "error": f"{type(e).__name__}: {e}"})
+                break
             print(f"  {name:12s} {clients:3d} clients: {row['output_tok_per_s']:7.1f} tok/s, "
                   f"TTFT p50 {row['ttft_p50_s']:.2f}s", flush=True)
             rows.append(row)
@@ -139,6 +144,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| server | clients | requests | req/s | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['server']} | {r['clients']} | failed: {r['error'][:60]} | | | | | | |")
+            continue
         lines.append(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | "
                      f"{r['output_tok_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
                      f"{1e3 * r['itl_p50_s']:.1f} | {1e3 * r['itl_p99_s']:.1f} |")
@@ -153,7 +161,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys(r["server"] for r in rows):
-        mine = [r for r in rows if r["server"] == name]
+        mine = [r for r in rows if r["server"] == name and "error" not in r]
         xs = [r["clients"] for r in mine]
         ax1.plot(xs, [r["output_tok_per_s"] for r in mine], marker="o", label=name)
         ax2.plot(xs, [r["ttft_p50_s"] for r in mine], marker="o", label=name)
