@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8 import E4M3_MAX, FP8_DTYPE, MIN_AMAX, compute_scale, expand_scale, round_to_e4m3
+from kernels.fp8 import E4M3_MAX, FP8_DTYPE, compute_scale, expand_scale, round_to_e4m3
 
 GRANULARITIES = ("token", "tensor", "group")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
+from kernels.fp8 import dequantize_fp8, quantize_weight
 from kernels.gemm import (
     DECODE_CONFIGS,
     GEMM_CONFIGS,
