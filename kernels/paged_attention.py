@@ -23,6 +23,22 @@ LOG2E = 1.4426950408889634
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _attend_kv_tile(q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, valid, qk_scale, m_i, l_i, acc,
+                    DOT_DTYPE: tl.constexpr):
+    """One online-softmax step (exp2, fp32 running max/sum) of q [ROWS, D] over a K/V tile
+    [BLOCK_N, D] gathered at kv_offs; `valid` [ROWS | 1, BLOCK_N] masks scores. Shared by decode and prefill."""
+    k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [ROWS, BLOCK_N], log2 units
+    qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+@triton.jit
 def paged_attention_decode_kernel(
     # q [B, H, D]
     q_ptr, stride_qb, stride_qh,
@@ -71,16 +87,8 @@ def paged_attention_decode_kernel(
         kv_offs = (block_ids[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_cs
                    + pid_kvh * stride_ch + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = _attend_kv_tile(q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, mask_n[None, :], qk_scale,
+                                        m_i, l_i, acc, DOT_DTYPE)
 
     # an empty split (start >= seq_len) leaves l_i = 0 and acc = 0: write zeros and lse = -inf
     out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
@@ -168,17 +176,10 @@ def paged_attention_prefill_kernel(
         kv_offs = (block_ids[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_cs
                    + pid_kvh * stride_ch + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N]
-        # tile 0 always holds position 0 <= q_pos, so every row's running max is finite from then on
-        qk = tl.where((pos[None, :] <= q_pos[:, None]) & mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
-        m_i = m_new
+        # causal: tile 0 always holds position 0 <= q_pos, so every row's running max is finite from then on
+        causal = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
+        m_i, l_i, acc = _attend_kv_tile(q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, causal, qk_scale,
+                                        m_i, l_i, acc, DOT_DTYPE)
 
     out = acc * (v_scale / l_i)[:, None]
     o_offs = (q_start + offs_i)[:, None] * stride_ot + (pid_kvh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
