@@ -18,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.linear import DEFAULT_IGNORE  # noqa: E402
-from engine.accuracy import (DEFAULT_SCHEMES, corpus_text, corpus_windows, evaluate, plot, sensitivity_sweep,  # noqa: E402
+from engine.model.linear import DEFAULT_IGNORE  # noqa: E402
+from engine.lab.accuracy import (DEFAULT_SCHEMES, corpus_text, corpus_windows, evaluate, plot, sensitivity_sweep,  # noqa: E402
                              to_json, to_markdown)
 
 OUT = Path(__file__).resolve().parent / "out"
-# Ignore-list variants of fp8 around the default (engine.linear.DEFAULT_IGNORE: lm_head + last block's MLP).
+# Ignore-list variants of fp8 around the default (engine.model.linear.DEFAULT_IGNORE: lm_head + last block's MLP).
 VARIANTS = {
     "fp8, lm_head only": ("lm_head",),
     "fp8, + first block's MLP": (*DEFAULT_IGNORE, "model.layers.0.mlp.*"),
@@ -61,7 +61,7 @@ def main() -> int:
         if args.part == "sweep":
             return 0
     if args.part == "report":
-        from engine.accuracy import EvalResult
+        from engine.lab.accuracy import EvalResult
 
         data = json.loads((OUT / "accuracy.json").read_text())
         return _report([EvalResult(**r) for r in data["results"]], data["meta"], sweep_file)

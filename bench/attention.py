@@ -35,7 +35,7 @@ if not GPU:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import time_ms  # noqa: E402
-from engine.kv_cache import kv_bytes_per_token  # noqa: E402
+from engine.core.kv_cache import kv_bytes_per_token  # noqa: E402
 from kernels.paged_attention import (  # noqa: E402
     paged_attention_decode_reference,
     paged_attention_decode_triton,

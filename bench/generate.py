@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from engine.loader import resolve_model
+from engine.checkpoints.source import resolve_model
 
 OUT = Path(__file__).parent / "out"
 PROMPT = [{"role": "user", "content": "Explain in a few paragraphs why the sky is blue."}]

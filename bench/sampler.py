@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from engine.sampler import Sampler, SamplingRow, make_generator
-from engine.sampling_params import SamplingParams
+from engine.sampling.params import SamplingParams
 
 OUT = Path(__file__).parent / "out"
 BATCHES = (1, 16, 64)
@@ -96,7 +96,7 @@ def real_logits() -> torch.Tensor:
         return torch.load(cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.loader import resolve_model
+    from engine.checkpoints.source import resolve_model
 
     path = resolve_model("smollm2-135m-instruct").path
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

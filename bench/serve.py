@@ -186,7 +186,7 @@ def main() -> None:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python even when installed")
     args = p.parse_args()
 
-    from engine.loader import resolve_model
+    from engine.checkpoints.source import resolve_model
 
     gguf = resolve_model(args.model).path
     ours = [sys.executable, "-m", "engine", "serve", "--model", args.model, "--quantization", args.quantization,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from engine.loader import resolve_model
+from engine.checkpoints.source import resolve_model
 
 OUT = Path(__file__).parent / "out"
 TOPICS = ["the water cycle", "binary search", "the French revolution", "photosynthesis", "TCP handshakes",

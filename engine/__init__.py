@@ -4,15 +4,15 @@
     llm = LLM("smollm2-135m-instruct", quantization="fp8")
     print(llm.generate(["Hello"], SamplingParams(max_tokens=32))[0].outputs[0].text)
 """
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.core.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling.params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
 def __getattr__(name: str):
     # LLM pulls in the model, tokenizer and kernels: import it on first use only, so that light
-    # submodules (config, gguf_loader, sampling_params) stay cheap to import.
+    # submodules (engine.model.config, engine.sampling.params) stay cheap to import.
     if name == "LLM":
         from engine.llm import LLM
 

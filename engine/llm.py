@@ -6,10 +6,10 @@ from collections.abc import Sequence as SequenceABC
 
 from tqdm import tqdm
 
-from engine.engine_config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.core.engine_config import EngineConfig
+from engine.core.llm_engine import LLMEngine
+from engine.core.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
 
 PromptType = str | dict
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType, quants
 
-from engine.gguf_loader import gguf_metadata
+from tokenizer.gguf_header import gguf_metadata
 
 QType = GGMLQuantizationType
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from engine.engine_config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.metrics import parse_metrics
-from engine.server import build_app
+from engine.core.engine_config import EngineConfig
+from engine.core.llm_engine import LLMEngine
+from engine.serving.metrics import parse_metrics
+from engine.serving.server import build_app
 
 SEED_MODEL_NAME = "meta-llama/Llama-3.3-70B-Instruct-Turbo"  # the name in seed-api.txt's examples
 

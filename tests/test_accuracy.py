@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.accuracy import (_BlockCache, corpus_text, corpus_windows, evaluate, quantize_only, sensitivity_sweep,
+from engine.lab.accuracy import (_BlockCache, corpus_text, corpus_windows, evaluate, quantize_only, sensitivity_sweep,
                              sequence_logits)
-from engine.cli_quant import add_commands
-from engine.linear import Linear
+from engine.serving.cli_quant import add_commands
+from engine.model.linear import Linear
 from model_factory import VOCAB, make_checkpoint
 
 WINDOWS = [torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]

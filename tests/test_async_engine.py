@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.async_engine import AsyncLLMEngine
-from engine.llm_engine import PromptTooLongError
+from engine.core.async_engine import AsyncLLMEngine
+from engine.core.llm_engine import PromptTooLongError
 from model_factory import VOCAB, make_checkpoint
 
 

@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine import LLM
-from engine.accuracy import sequence_logits
-from engine.fp8_checkpoint import Fp8CheckpointError, fuse_scales, quantized_tensors, save_quantized, shard_names
-from engine.linear import Linear, QuantConfig
-from engine.loader import iter_checkpoint_tensors, resolve_model
+from engine.lab.accuracy import sequence_logits
+from engine.checkpoints.fp8 import Fp8CheckpointError, fuse_scales, quantized_tensors, save_quantized, shard_names
+from engine.model.linear import Linear, QuantConfig
+from engine.checkpoints.source import iter_checkpoint_tensors, resolve_model
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
 from model_factory import VOCAB, make_checkpoint
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from engine import LLM
-from engine.config import ConfigError
-from engine.linear import Linear
-from engine.loader import CheckpointError
+from engine.model.config import ConfigError
+from engine.model.linear import Linear
+from engine.checkpoints.source import CheckpointError
 from model_factory import make_checkpoint
 
 
@@ -32,7 +32,7 @@ def test_fp8_layers_are_quantized_as_they_stream_in(src, monkeypatch):
         original(self)
 
     spy.model_ref = None
-    import engine.loader as loader
+    import engine.checkpoints.loader as loader
 
     build = loader.LlamaModel
 
@@ -66,7 +66,7 @@ def test_bad_checkpoints_raise_clear_errors(src, tmp_path):
 
 
 def test_prompt_longer_than_max_model_len_is_rejected(src):
-    from engine.llm_engine import PromptTooLongError
+    from engine.core.llm_engine import PromptTooLongError
 
     llm = LLM(str(src), device="cpu", max_model_len=32)
     with pytest.raises(PromptTooLongError, match="max_model_len is 32"):

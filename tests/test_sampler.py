@@ -27,10 +27,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import engine.sampler as sampler_module
-from engine.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs, make_generator, processed_probs
-from engine.sampling_ops import argmax_of_rows, draw_from_weights, top_k_of_rows
-from engine.sampling_params import SamplingParams
+import engine.sampling.sampler as sampler_module
+from engine.sampling.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs, make_generator, processed_probs
+from engine.sampling.ops import argmax_of_rows, draw_from_weights, top_k_of_rows
+from engine.sampling.params import SamplingParams
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True)
 

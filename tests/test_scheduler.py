@@ -6,10 +6,10 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from engine.kv_cache import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.core.kv_cache import BlockManager
+from engine.sampling.params import SamplingParams
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
 
 
 def simulate(seed: int, num_blocks: int, block_size: int, budget: int, max_seqs: int, n_requests: int,

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from engine.llm_engine import LLMEngine
-from engine.engine_config import EngineConfig
+from engine.core.llm_engine import LLMEngine
+from engine.core.engine_config import EngineConfig
 from server_fixture import SEED_MODEL_NAME, ScriptedSampler, smollm2_available, start_server, tiny_engine
 
 MODEL = SEED_MODEL_NAME

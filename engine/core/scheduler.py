@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv_cache import BlockManager
-from engine.sequence import Sequence, SequenceStatus
+from engine.core.kv_cache import BlockManager
+from engine.core.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

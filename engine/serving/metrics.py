@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 
-from engine.llm_engine import LLMEngine
+from engine.core.llm_engine import LLMEngine
 
 PREFIX = "fp8_turbo"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)

@@ -1,4 +1,4 @@
-"""Row-wise tensor operations behind the sampler (engine/sampler.py), each on a batch of rows [N, V].
+"""Row-wise tensor operations behind the sampler (engine/sampling/sampler.py), each on a batch of rows [N, V].
 
 Exact versions of torch.topk/argmax that are faster on CPU, the top_k/top_p/min_p truncation of
 sorted candidates, the inverse-CDF draw, and the two sampling paths: top_k rows (their best k tokens)

@@ -23,15 +23,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import AsyncLLMEngine, EngineDeadError
-from engine.llm_engine import LLMEngine, PromptTooLongError
-from engine.metrics import ServerMetrics
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.protocol import (
+from engine.core.async_engine import AsyncLLMEngine, EngineDeadError
+from engine.core.llm_engine import LLMEngine, PromptTooLongError
+from engine.serving.metrics import ServerMetrics
+from engine.core.outputs import CompletionOutput, RequestOutput
+from engine.serving.protocol import (
     API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M, APIError, ChatCompletionRequest, CompletionRequest,
     _SamplingFields, chat_logprobs, completion_logprobs, envelope, error_body, new_id, pydantic_error, usage, value_error,
 )
-from engine.sampling_params import SamplingParams
+from engine.sampling.params import SamplingParams
 from tokenizer import parse_tool_calls
 
 logger = logging.getLogger("fp8_turbo")
@@ -473,7 +473,7 @@ def run_server(args: argparse.Namespace) -> int:
     """`fp8-turbo serve`: load the model, then serve until interrupted."""
     import uvicorn
 
-    from engine.engine_config import EngineConfig
+    from engine.core.engine_config import EngineConfig
 
     logging.getLogger("fp8_turbo").setLevel(logging.INFO)
     if not logging.getLogger().handlers:

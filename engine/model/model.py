@@ -2,7 +2,7 @@
 
 Tokens of all sequences in a step are packed into one [T, hidden] batch; attention reads and writes
 the paged KV cache through the kernels (`kernels.write_kv`, `kernels.paged_attention_*`), described
-by an explicit `AttentionMetadata`. q/k/v and gate/up are fused at load time (`engine.loader`).
+by an explicit `AttentionMetadata`. q/k/v and gate/up are fused at load time (`engine.checkpoints.loader`).
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import kernels
-from engine.attention_metadata import AttentionMetadata
-from engine.config import ModelConfig, rope_inv_freq
-from engine.linear import Linear, QuantConfig
+from engine.model.attention_metadata import AttentionMetadata
+from engine.model.config import ModelConfig, rope_inv_freq
+from engine.model.linear import Linear, QuantConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, KVH, D] each
 
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         # Per-layer FP8 KV-cache scales (1.0 unless the checkpoint or a calibration pass sets them).
         self.k_scale = 1.0
         self.v_scale = 1.0
-        self.kv_observer = None  # callable(k, v) during KV-scale calibration (engine/kv_calibration.py)
+        self.kv_observer = None  # callable(k, v) during KV-scale calibration (engine/core/kv_calibration.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         T = x.shape[0]

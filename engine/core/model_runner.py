@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention_metadata import AttentionMetadata
-from engine.model import KVCache, LlamaModel
-from engine.scheduler import ScheduledSeq
+from engine.model.attention_metadata import AttentionMetadata
+from engine.model.model import KVCache, LlamaModel
+from engine.core.scheduler import ScheduledSeq
 
 
 @dataclass(slots=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pydoc_data.topics
 import torch
 
-from engine.kv_cache import allocate_kv_caches
-from engine.model import LlamaModel
-from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq
-from engine.sequence import Sequence
+from engine.core.kv_cache import allocate_kv_caches
+from engine.model.model import LlamaModel
+from engine.core.model_runner import ModelRunner
+from engine.sampling.params import SamplingParams
+from engine.core.scheduler import ScheduledSeq
+from engine.core.sequence import Sequence
 from kernels.fp8 import E4M3_MAX
 
 HEADROOM = 2.0

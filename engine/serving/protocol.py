@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.outputs import Logprob
-from engine.sampling_params import SamplingParams
+from engine.core.outputs import Logprob
+from engine.sampling.params import SamplingParams
 
 Number = float  # strict mode still takes ints here (and refuses bools and strings)
 _TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "list[str]", "list[int]", "list[list[int]]", "none"}

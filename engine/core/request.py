@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import time
 
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.core.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling.params import SamplingParams
+from engine.core.sequence import Sequence
 from tokenizer import IncrementalDetokenizer, Tokenizer
 
 

@@ -22,7 +22,7 @@ above), the same convention as vLLM.
 Batching: rows are grouped by the work they need (greedy; top_k; top_p without top_k; neither) and
 each group is handled with tensor operations over its rows; a row never pays for a step it does not
 use, and nothing sorts the vocabulary: top_k rows take their best k (torch.topk) and temperature is
-applied to those k only; top_p rows use sorting-free rejection sampling (see `sample_vocabulary` in engine/sampling_ops.py).
+applied to those k only; top_p rows use sorting-free rejection sampling (see `sample_vocabulary` in engine/sampling/ops.py).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.sampling_ops import (
+from engine.sampling.ops import (
     argmax_of_rows,
     candidate_weights,
     count_above,
@@ -40,7 +40,7 @@ from engine.sampling_ops import (
     sample_vocabulary,
     top_k_of_rows,
 )
-from engine.sampling_params import SamplingParams
+from engine.sampling.params import SamplingParams
 
 _TOP_K_WIDTHS = (64, 256, 1000)  # top_k rows are grouped by the smallest of these that holds their k
 _RANK_WINDOW = 20  # compute_logprobs counts exactly only for tokens outside a row's best 20

@@ -10,19 +10,20 @@ import time
 
 import torch
 
-from engine.config import ModelConfig
-from engine.engine_config import EngineConfig
-from engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
-from engine.kv_calibration import CALIBRATION_TOKENS, calibrate_kv_scales, calibration_text
-from engine.linear import QuantConfig
-from engine.loader import build_model, read_hf_config, resolve_model
-from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
-from engine.request import Request, logprob_dict
-from engine.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq, Scheduler
-from engine.sequence import Sequence
+from engine.model.config import ModelConfig
+from engine.core.engine_config import EngineConfig
+from engine.core.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
+from engine.core.kv_calibration import CALIBRATION_TOKENS, calibrate_kv_scales, calibration_text
+from engine.model.linear import QuantConfig
+from engine.checkpoints.loader import build_model
+from engine.checkpoints.source import read_hf_config, resolve_model
+from engine.core.model_runner import ModelRunner
+from engine.core.outputs import RequestOutput
+from engine.core.request import Request, logprob_dict
+from engine.sampling.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
+from engine.sampling.params import SamplingParams
+from engine.core.scheduler import ScheduledSeq, Scheduler
+from engine.core.sequence import Sequence
 from tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("fp8_turbo")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from engine.linear import Linear
+from engine.model.linear import Linear
 
 DEFAULT_SCHEMES = ("fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
 
@@ -61,9 +61,9 @@ def corpus_windows(tokenizer, text: str, window: int, max_tokens: int) -> list[l
 
 def sequence_logits(llm, ids: list[int]) -> torch.Tensor:
     """Logits at every position of `ids`, [len(ids), V] fp32, from one prefill through the paged cache."""
-    from engine.sampling_params import SamplingParams
-    from engine.scheduler import ScheduledSeq
-    from engine.sequence import Sequence
+    from engine.sampling.params import SamplingParams
+    from engine.core.scheduler import ScheduledSeq
+    from engine.core.sequence import Sequence
 
     engine = llm.engine
     seq = Sequence("eval", 0, ids, SamplingParams(max_tokens=1, prompt_logprobs=0))
@@ -219,9 +219,9 @@ class _BlockCache:
     """One window prefilled once through the base model, keeping each decoder block's input."""
 
     def __init__(self, llm, ids: list[int]):
-        from engine.sampling_params import SamplingParams
-        from engine.scheduler import ScheduledSeq
-        from engine.sequence import Sequence
+        from engine.sampling.params import SamplingParams
+        from engine.core.scheduler import ScheduledSeq
+        from engine.core.sequence import Sequence
 
         self.llm, self.engine = llm, llm.engine
         self.seq = Sequence("sweep", 0, ids, SamplingParams(max_tokens=1))

@@ -6,8 +6,8 @@ import logging
 import sys
 import time
 
-from engine.linear import QUANT_SCHEMES
-from engine.loader import DEFAULT_MODEL
+from engine.model.linear import QUANT_SCHEMES
+from engine.checkpoints.source import DEFAULT_MODEL
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def _make_llm(args):
 
 
 def _params(args):
-    from engine.sampling_params import SamplingParams
+    from engine.sampling.params import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens)
 
@@ -101,7 +101,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from engine.server import run_server
+    from engine.serving.server import run_server
 
     return run_server(args)
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="an optional system message")
     p.set_defaults(func=cmd_chat)
 
-    from engine.protocol import API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M
+    from engine.serving.protocol import API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, metrics)")
     _add_model_args(p)
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="USD per million generated tokens, for usage.estimated_cost")
     p.set_defaults(func=cmd_serve)
 
-    from engine.cli_quant import add_commands  # quantize, eval
+    from engine.serving.cli_quant import add_commands  # quantize, eval
 
     add_commands(sub)
 

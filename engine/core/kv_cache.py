@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sequence import Sequence
+from engine.core.sequence import Sequence
 
 
 @dataclass(slots=True)

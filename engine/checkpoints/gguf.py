@@ -14,17 +14,17 @@ itself is not yielded as a weight.
 
 import math
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from tqdm import tqdm
 
-GGUF_MAGIC = b"GGUF"
+from tokenizer.gguf_header import GGUFError, gguf_metadata, read_gguf_header
+
 ROPE_FREQS = "rope_freqs.weight"
 
 # GGUF tensor name -> HF name (per layer: "blk.{i}." -> "model.layers.{i}.")
@@ -46,31 +46,16 @@ _LAYER_NAMES = {
 }
 
 
-class GGUFError(ValueError):
-    """A GGUF file that is missing, malformed or describes something this engine does not run."""
-
-
 # --------------------------------------------------------------------------------------------------
-# Reading the file
+# Reading the file: the header parser is shared with the tokenizer (tokenizer/gguf_header.py); here
+# each tensor info gets its bytes, whose size follows from the ggml type's block layout.
 # --------------------------------------------------------------------------------------------------
-# A GGUF file is: magic, version, tensor count, metadata count; typed key/value metadata; tensor
-# infos (name, dims innermost first, type, offset); padding to `general.alignment`; tensor data.
-# gguf.GGUFReader parses the same, but builds numpy views for every element of every metadata
-# array (the tokenizer's ~100k strings: 1.7 s for SmolLM2); this plain struct walk takes ~0.15 s.
-
-# GGUFValueType -> struct format of a little-endian scalar
-_SCALAR_FORMATS = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}  # fmt: skip
 
 
 @dataclass(slots=True)
 class _TensorInfo:
     name: str
-    shape: tuple[int, ...]  # HF / torch order (GGUF lists dims innermost first)
+    shape: tuple[int, ...]  # HF / torch order
     qtype: GGMLQuantizationType
     data: np.ndarray  # the raw bytes, uint8 [nbytes], a view of the file map
 
@@ -81,96 +66,22 @@ class _GGUFFile:
     tensors: dict[str, _TensorInfo]  # in file order
 
 
-class _Cursor:
-    """Sequential little-endian reads from the mapped file."""
-
-    def __init__(self, buf: np.ndarray):
-        self.buf, self.pos = buf, 0
-
-    def scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        if self.pos + n > self.buf.size:
-            raise ValueError(f"a string of {n} bytes at offset {self.pos} runs past the end of the file")
-        raw = self.buf[self.pos : self.pos + n].tobytes()
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")  # a few vocabularies hold invalid UTF-8 tokens
-
-    def value(self, vtype: int) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return self.string()
-        if vtype != GGUFValueType.ARRAY:
-            return self.scalar(_SCALAR_FORMATS[GGUFValueType(vtype)])
-        item_type, n = self.scalar("<I"), self.scalar("<Q")
-        if item_type in (GGUFValueType.STRING, GGUFValueType.ARRAY):
-            return [self.value(item_type) for _ in range(n)]
-        dtype = np.dtype(_SCALAR_FORMATS[GGUFValueType(item_type)])
-        values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
-        self.pos += n * dtype.itemsize
-        return values
-
-
 def _read_gguf(path: str | os.PathLike) -> _GGUFFile:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise GGUFError(f"GGUF file not found: {path!r}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise GGUFError(f"{path!r} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    # Copy-on-write map: arrays are writable (torch.from_numpy wants that), the file never changes.
-    buf = np.memmap(path, dtype=np.uint8, mode="c")
-    try:
-        return _parse(buf, path)
-    except GGUFError:
-        raise
-    except (struct.error, ValueError, IndexError, KeyError) as e:  # the header ran past the end, or garbage
-        raise GGUFError(f"{path!r} is not a readable GGUF file (truncated or corrupt?): {e!r}") from e
-
-
-def _parse(buf: np.ndarray, path: str) -> _GGUFFile:
-    cur = _Cursor(buf)
-    cur.pos = 4
-    version = cur.scalar("<I")
-    if version not in (2, 3):
-        raise GGUFError(f"{path!r}: GGUF version {version} is unsupported (expected 2 or 3, little-endian)")
-    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-    metadata = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-        raw_type, offset = cur.scalar("<I"), cur.scalar("<Q")
-        try:
-            qtype = GGMLQuantizationType(raw_type)
-        except ValueError:
-            raise GGUFError(f"tensor {name!r} in {path!r} has unknown GGUF tensor type #{raw_type}") from None
-        infos.append((name, tuple(reversed(dims)), qtype, offset))
-    alignment = metadata.get("general.alignment", 32)
-    data_start = -(-cur.pos // alignment) * alignment  # round up to the alignment
-
+    header = read_gguf_header(path)
+    path, buf = os.fspath(path), header.buf
     tensors = {}
-    for name, shape, qtype, offset in infos:
+    for info in header.tensors:
+        try:
+            qtype = GGMLQuantizationType(info.raw_type)
+        except ValueError:
+            raise GGUFError(f"tensor {info.name!r} in {path!r} has unknown GGUF tensor type #{info.raw_type}") from None
         block_size, type_size = GGML_QUANT_SIZES[qtype]
-        nbytes = math.prod(shape) // block_size * type_size
-        start = data_start + offset
+        nbytes = math.prod(info.shape) // block_size * type_size
+        start = header.data_start + info.offset
         if start + nbytes > buf.size:
-            raise GGUFError(f"{path!r} is truncated: tensor {name!r} ends at byte {start + nbytes}, file has {buf.size}")
-        tensors[name] = _TensorInfo(name, shape, qtype, buf[start : start + nbytes])
-    return _GGUFFile(metadata, tensors)
-
-
-def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All metadata of a GGUF file as plain Python values (str, int, float, bool, lists of them),
-    e.g. `tokenizer.ggml.tokens` or `tokenizer.chat_template`. Raises GGUFError like the loaders."""
-    return _read_gguf(path).metadata
+            raise GGUFError(f"{path!r} is truncated: tensor {info.name!r} ends at byte {start + nbytes}, file has {buf.size}")
+        tensors[info.name] = _TensorInfo(info.name, info.shape, qtype, buf[start : start + nbytes])
+    return _GGUFFile(header.metadata, tensors)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
-from engine.linear import DEFAULT_IGNORE, Linear, QuantConfig
+from engine.checkpoints.source import iter_checkpoint_tensors, read_hf_config, resolve_model
+from engine.model.config import ModelConfig
+from engine.model.linear import DEFAULT_IGNORE, Linear, QuantConfig
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8, expand_scale, quantize_weight
 
 logger = logging.getLogger("fp8_turbo")
@@ -346,7 +347,6 @@ def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tup
     fp8-tensor activations static."""
     from safetensors.torch import save_file
 
-    from engine.loader import iter_checkpoint_tensors, read_hf_config, resolve_model
     from tokenizer import load_tokenizer
 
     source = resolve_model(model)

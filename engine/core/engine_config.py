@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.linear import DEFAULT_IGNORE, QUANT_SCHEMES
+from engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 

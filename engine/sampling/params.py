@@ -26,7 +26,7 @@ def _is_int(value: object) -> bool:
 class SamplingParams:
     """How to pick the next tokens of one request.
 
-    The order in which the sampler applies these is written down in `engine/sampler.py`.
+    The order in which the sampler applies these is written down in `engine/sampling/sampler.py`.
     `logprobs` are computed from the model's raw logits (before penalties, temperature and
     truncation), the same convention as vLLM.
     """

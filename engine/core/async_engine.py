@@ -10,9 +10,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.core.llm_engine import LLMEngine
+from engine.core.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
 
 logger = logging.getLogger("fp8_turbo")
 

@@ -1,6 +1,6 @@
 """`fp8-turbo quantize` (write a compressed-tensors FP8 checkpoint) and `fp8-turbo eval` (accuracy report).
 
-engine/cli.py registers them with `add_commands(sub)`.
+engine/serving/cli.py registers them with `add_commands(sub)`.
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from engine.accuracy import DEFAULT_SCHEMES
-from engine.linear import DEFAULT_IGNORE
-from engine.loader import DEFAULT_MODEL
+from engine.lab.accuracy import DEFAULT_SCHEMES
+from engine.model.linear import DEFAULT_IGNORE
+from engine.checkpoints.source import DEFAULT_MODEL
 
 
 def _patterns(text: str | None) -> tuple[str, ...]:
@@ -19,11 +19,11 @@ def _patterns(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_quantize(args) -> int:
-    from engine.fp8_checkpoint import save_quantized
+    from engine.checkpoints.fp8 import save_quantized
 
     input_scales = None
     if args.static_activations:
-        from engine.accuracy import calibrate_input_scales
+        from engine.lab.accuracy import calibrate_input_scales
 
         input_scales = calibrate_input_scales(args.model, args.calibration_tokens)
     out = save_quantized(args.model, args.out, args.scheme, (*DEFAULT_IGNORE, *_patterns(args.ignore)), input_scales)
@@ -32,7 +32,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from engine.accuracy import evaluate, plot, sensitivity_sweep, to_json, to_markdown
+    from engine.lab.accuracy import evaluate, plot, sensitivity_sweep, to_json, to_markdown
 
     configs = [(s, s, (*DEFAULT_IGNORE, *_patterns(args.ignore))) for s in args.schemes if s != "none"]
     results, windows = evaluate(args.model, configs, corpus=args.corpus, tokens=args.tokens, window=args.window,

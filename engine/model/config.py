@@ -1,6 +1,6 @@
 """Model configuration: the fields of a Llama-family HF `config.json` the decoder needs.
 
-GGUF files are read into the same dict form first (`engine.gguf_loader.gguf_hf_config`), so there is
+GGUF files are read into the same dict form first (`engine.checkpoints.gguf.gguf_hf_config`), so there is
 one parser and one set of checks.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from engine.sampling.params import SamplingParams
 
 _seq_ids = itertools.count()
 
