@@ -39,7 +39,9 @@ def test_sweep_prefix_cache_and_toggle_are_exact(src):
     llm = LLM(str(src), device="cpu")
     full = sequence_logits(llm, WINDOWS[0])
     cache = _BlockCache(llm, WINDOWS[0])
-    assert torch.allclose(cache.logits_from(1), full, rtol=0, atol=1e-5 * full.abs().max())
+    # Exact: logits_from(1) runs the same layers on the same block input with the same shapes as the
+    # full prefill, so every sum is taken in the same order.
+    assert torch.equal(cache.logits_from(1), full)
     m = llm.engine.model.layers[1].mlp.down_proj
     w = m.weight
     with quantize_only(m, "fp8"):
