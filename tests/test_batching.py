@@ -89,3 +89,26 @@ def test_token_ids_outside_the_vocabulary_are_rejected_up_front(path):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             llm.generate([{"prompt_token_ids": [5, 6]}], params)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_round_robin_admission_changes_when_tokens_come_not_which(path):
+    """A request with n=8 on a 4-slot engine does not hold a later request behind all eight of its
+    sequences, and both get exactly the tokens they get alone (seeded sampling, per-sequence generators)."""
+    many = SamplingParams(n=8, temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
+    one = SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)
+    a_ids, b_ids = rand_ids(20, 1), rand_ids(9, 2)
+    alone = LLM(path, device="cpu")
+    a_alone = [c.token_ids for c in alone.generate([{"prompt_token_ids": a_ids}], many)[0].outputs]
+    b_alone = alone.generate([{"prompt_token_ids": b_ids}], one)[0].outputs[0].token_ids
+
+    engine = LLM(path, device="cpu", max_num_seqs=4).engine
+    engine.add_request("a", a_ids, many)
+    engine.add_request("b", b_ids, one)
+    finished: dict[str, object] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert list(finished) == ["b", "a"]  # first come first served would finish "b" last
+    assert finished["b"].outputs[0].token_ids == b_alone
+    assert [c.token_ids for c in finished["a"].outputs] == a_alone

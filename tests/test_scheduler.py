@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from engine.core.kv_cache import BlockManager
 from engine.sampling.params import SamplingParams
-from engine.core.scheduler import Scheduler
+from engine.core.scheduler import Scheduler, WaitingQueue
 from engine.core.sequence import Sequence
 
 
@@ -86,3 +86,59 @@ def test_prefix_blocks_are_shared_and_evicted_lru():
         s = Sequence(f"x{i}", 0, [50 + i] * 8, SamplingParams())
         bm.allocate(s, 8)
     assert bm.stats().num_cached_blocks <= 2
+
+
+# ---- fairness: the round-robin policy of the scheduler's docstring -------------------------------------
+def _seqs(request_id: str, n: int, prompt_len: int) -> list[Sequence]:
+    return [Sequence(request_id, i, list(range(prompt_len)), SamplingParams(max_tokens=4)) for i in range(n)]
+
+
+def _step(sched: Scheduler) -> list[tuple[str, int, int]]:
+    """One scheduler step with the model's part simulated; (request, index, tokens) per scheduled sequence."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        completes = item.completes
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if completes:
+            item.seq.output_token_ids.append(0)
+    return [(item.seq.request_id, item.seq.index, item.num_new_tokens) for item in out.scheduled]
+
+
+def test_waiting_requests_are_admitted_round_robin():
+    # A step holds two 8-token prompts (budget 16). Request "big" has n=8 and arrives first.
+    sched = Scheduler(BlockManager(256, 4, enable_prefix_caching=False), max_num_batched_tokens=16, max_num_seqs=64)
+    sched.long_prefill_tokens = 8  # whole 8-token prompts (the default cap would be 16 // 4 = 4)
+    for seq in _seqs("big", 8, 8) + _seqs("small", 1, 8):
+        sched.add(seq)
+    assert len(sched.waiting) == 9 and sched.num_waiting_tokens == 9 * 8
+    # First come first served would have run big 0 and big 1 here, and "small" only in the fifth step.
+    assert _step(sched) == [("big", 0, 8), ("small", 0, 8)]
+    sched.add(_seqs("late", 1, 8)[0])
+    # Decodes first, then big's next sequence and, in the same step, the request that just arrived.
+    assert _step(sched) == [("big", 0, 1), ("small", 0, 1), ("big", 1, 8), ("late", 0, 6)]
+    assert sched.waiting.num_seqs == len(list(sched.waiting)) == 6 and sched.num_waiting_tokens == 6 * 8
+
+
+def test_a_huge_prompt_shares_the_step_and_still_gets_the_budget_alone():
+    sched = Scheduler(BlockManager(256, 16, enable_prefix_caching=False), max_num_batched_tokens=64, max_num_seqs=8)
+    [huge] = _seqs("huge", 1, 1000)
+    sched.add(huge)
+    assert [i.num_new_tokens for i in sched.schedule().scheduled] == [64]  # alone: the whole budget
+    huge.num_computed_tokens += 64
+    [short] = _seqs("short", 1, 10)
+    sched.add(short)
+    step = {item.seq.request_id: item.num_new_tokens for item in sched.schedule().scheduled}
+    # The short prompt is prefilled in the very next step; the huge one takes the rest of the budget.
+    assert step == {"huge": 54, "short": 10}
+
+
+def test_preempted_sequences_go_back_to_the_front():
+    q = WaitingQueue()
+    a, b = _seqs("a", 2, 4), _seqs("b", 1, 4)
+    for seq in a + b:
+        q.append(seq)
+    assert q.popleft() is a[0] and q.popleft() is b[0]
+    q.appendleft(a[0])
+    assert q.peek() is a[0] and len(q) == 2 and q.num_tokens == 8
+    q.remove(a[1])
+    assert list(q) == [a[0]] and q.num_tokens == 4
