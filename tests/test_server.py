@@ -14,6 +14,7 @@ import pytest
 
 from engine.core.llm_engine import LLMEngine
 from engine.core.engine_config import EngineConfig
+from engine.serving.limits import ServerLimits
 from server_fixture import SEED_MODEL_NAME, ScriptedSampler, smollm2_available, start_server, tiny_engine
 
 MODEL = SEED_MODEL_NAME
@@ -29,7 +30,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    s = start_server(tiny, price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT, max_body_bytes=MAX_BODY)
+    s = start_server(tiny, price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT,
+                     limits=ServerLimits(max_request_bytes=MAX_BODY))
     yield s
     s.__exit__()
 
@@ -173,7 +175,7 @@ def test_unknown_model_is_404(client):
 def test_malformed_json_and_oversized_body(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"[1, 2]")
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
     assert r.status_code == 400
     big = chat(messages=[{"role": "user", "content": "w5 " * (MAX_BODY // 2)}])
     r = httpx.post(f"{server.url}/v1/chat/completions", json=big)

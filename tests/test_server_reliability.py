@@ -98,7 +98,8 @@ async def _one(http: httpx.AsyncClient, i: int) -> str | None:
             return f"{i}: incomplete stream {chunks[-2:]}"
     elif kind == 2:  # bad input
         body, status = BAD_BODIES[(i // 6) % len(BAD_BODIES)]
-        r = await (http.post(url, content=body) if isinstance(body, bytes) else http.post(url, json=body))
+        r = await (http.post(url, content=body, headers={"content-type": "application/json"}) if isinstance(body, bytes)
+                   else http.post(url, json=body))
         if r.status_code != status or set(r.json().get("error", {})) != {"message", "type", "param", "code"}:
             return f"{i}: bad input answered {r.status_code} {r.text[:200]}"
     elif kind == 3:  # text completion with echo + logprobs

@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     from engine.serving.protocol import API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M
+    from engine.serving.limits import add_limit_args
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, metrics)")
     _add_model_args(p)
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="USD per million prompt tokens, for usage.estimated_cost")
     p.add_argument("--price-output", type=float, default=DEFAULT_PRICE_OUTPUT_PER_M,
                    help="USD per million generated tokens, for usage.estimated_cost")
+    add_limit_args(p)
     p.set_defaults(func=cmd_serve)
 
     from engine.serving.cli_quant import add_commands  # quantize, eval

@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP server: chat and text completions (streaming too), models, health, metrics.
 
 One AsyncLLMEngine (one engine loop, continuous batching) serves every connection. A handler turns the
-body into token ids and SamplingParams, checks everything that can be checked before the first token
-(so bad requests get a 4xx, never a broken stream), then follows `AsyncLLMEngine.generate`. Leaving
-that generator early -- a client gone, an error -- aborts the request and frees its KV blocks.
+body into token ids and SamplingParams (tokenizing in a worker thread, off the event loop), checks
+everything that can be checked before the first token (so bad requests get a 4xx, never a broken
+stream), queues the request (a 503 when the queue is full), then follows `AsyncLLMEngine.stream`.
+Leaving that stream early -- a client gone, an error -- aborts the request and frees its KV blocks.
+Limits are in limits.py, body checks in body.py, request ids and 500s in request_context.py, shutdown
+and engine death in lifecycle.py.
 """
 from __future__ import annotations
 
@@ -15,28 +18,34 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
-from engine.core.async_engine import AsyncLLMEngine, EngineDeadError
+from engine.core.async_engine import AsyncLLMEngine
 from engine.core.llm_engine import LLMEngine, PromptTooLongError
+from engine.serving.body import read_json
+from engine.serving.lifecycle import Lifecycle, serve
+from engine.serving.limits import ServerLimits, limits_from_args
 from engine.serving.metrics import ServerMetrics
+from engine.serving.request_context import RequestContextMiddleware, error_response, server_error
 from engine.core.outputs import CompletionOutput, RequestOutput
 from engine.serving.protocol import (
     API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M, APIError, ChatCompletionRequest, CompletionRequest,
-    _SamplingFields, chat_logprobs, completion_logprobs, envelope, error_body, new_id, pydantic_error, usage, value_error,
+    _SamplingFields, chat_logprobs, completion_logprobs, envelope, new_id, pydantic_error, usage, value_error,
 )
 from engine.sampling.params import SamplingParams
 from tokenizer import parse_tool_calls
 
 logger = logging.getLogger("fp8_turbo")
 
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 _TOOL_CALL_STARTS = ("{", "[", "<|python_tag|>", "```")  # text that may become a tool call is held back
 
 
@@ -66,19 +75,40 @@ class _Timing:
             self.metrics.e2e.observe(now - self.arrival)
 
 
+class _EngineStream(StreamingResponse):
+    """SSE for requests already queued in the engine: however the response ends -- even before its first
+    byte, when the stream never starts -- `release` forgets them (a no-op once they are followed)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 class OpenAIServer:
     def __init__(self, engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
                  price_input_per_m: float = DEFAULT_PRICE_INPUT_PER_M,
-                 price_output_per_m: float = DEFAULT_PRICE_OUTPUT_PER_M, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 price_output_per_m: float = DEFAULT_PRICE_OUTPUT_PER_M, limits: ServerLimits | None = None,
+                 metrics_public: bool = False, shutdown_timeout: float = 30.0):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = served_model_name
         self.api_key = api_key.encode() if api_key else None
         self.prices = (price_input_per_m, price_output_per_m)
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits or ServerLimits()
+        self.metrics_public = metrics_public
         self.aengine = AsyncLLMEngine(engine)
+        self.lifecycle = Lifecycle(self.aengine, shutdown_timeout)
         self.metrics = ServerMetrics(served_model_name)
         self.created = int(time.time())
+        # Templating, tokenization, detokenization and big JSON bodies: off the event loop, and off the
+        # default executor that runs the engine's steps.
+        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-turbo-tokenize")
 
     # ---- request plumbing -----------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -90,26 +120,11 @@ class OpenAIServer:
                            code="invalid_api_key")
 
     async def read_json(self, request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length", "")
-        too_large = declared.isdigit() and int(declared) > self.max_body_bytes
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            too_large = too_large or size > self.max_body_bytes
-            if not too_large:
-                chunks.append(chunk)
-            # An oversized body is read to its end (and dropped) so the client gets the 413, not a reset.
-        if too_large:
-            raise APIError(413, f"the request body has {max(size, int(declared or 0))} bytes; "
-                                f"the limit is {self.max_body_bytes}", code="request_too_large")
-        try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
-                           code="invalid_json")
-        return body
+        return await read_json(request, self.limits.max_request_bytes, self.limits.body_timeout, self.run_blocking)
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) in the server's worker threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, partial(fn, *args, **kwargs))
 
     @staticmethod
     def parse(model: type[BaseModel], body: dict) -> Any:
@@ -124,29 +139,49 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     def sampling_params(self, req: _SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, max_tokens_param: str = "max_tokens") -> SamplingParams:
         try:
             return req.sampling_params(max_tokens, logprobs, prompt_logprobs)
         except ValueError as e:
-            raise value_error(e) from None
+            error = value_error(e)
+            if error.param == "max_tokens" and max_tokens_param != "max_tokens":  # the field the client sent
+                error.param, error.message = max_tokens_param, error.message.replace("max_tokens", max_tokens_param, 1)
+            raise error from None
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
             self.engine.check_request(prompt_ids, params)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
-        except ValueError as e:
-            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        except ValueError as e:  # out-of-vocabulary ids name their field (stop_token_ids, logit_bias)
+            raise value_error(e, param) from None
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return usage(prompt_tokens, completion_tokens, *self.prices)
 
-    async def run_to_end(self, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                         arrival: float) -> RequestOutput:
-        """Follow a request to its last output; a client that goes away aborts it."""
+    def submit(self, request_ids: list[str], prompts: list[list[int]], params: SamplingParams, param: str) -> None:
+        """Admission (a 503 when the queue is full), then queue every prompt in the engine, all or none."""
+        a = self.aengine
+        self.limits.check_capacity(a.num_waiting_seqs, a.num_waiting_tokens, params.n * len(prompts),
+                                   params.n * sum(map(len, prompts)), param)
+        added: list[str] = []
+        try:
+            for request_id, ids in zip(request_ids, prompts):
+                a.add_request(request_id, ids, params)
+                added.append(request_id)
+        except BaseException:
+            for request_id in added:
+                a.release(request_id)
+            raise
+
+    def stream_response(self, stream: AsyncIterator[str], request_id: str) -> StreamingResponse:
+        return _EngineStream(stream, partial(self.aengine.release, request_id))
+
+    async def run_to_end(self, request: Request, request_id: str, arrival: float) -> RequestOutput:
+        """Follow a submitted request to its last output; a client that goes away aborts it."""
         timing = _Timing(self.metrics, arrival)
         final = None
-        async with aclosing(self.aengine.generate(request_id, prompt_ids, params)) as outputs:
+        async with aclosing(self.aengine.stream(request_id)) as outputs:
             async for out in outputs:
                 timing.update(out)
                 final = out
@@ -165,34 +200,44 @@ class OpenAIServer:
             return None
         return req.tools
 
+    def _chat_prompt(self, req: ChatCompletionRequest, tools: list[dict] | None, params: SamplingParams) -> list[int]:
+        """Template and tokenize (in a worker thread: a 4 MB conversation takes seconds), then check the fit."""
+        try:
+            prompt_ids = self.tokenizer.apply_chat_template(req.messages, tools=tools)
+        except ValueError as e:
+            raise value_error(e, "messages") from None
+        self.check_fits(prompt_ids, params, "messages")
+        return prompt_ids
+
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         self.authorize(request)
         req: ChatCompletionRequest = self.parse(ChatCompletionRequest, await self.read_json(request))
         self.check_model(req.model)
+        self.limits.check_request(req.n, req.stop, req.stop_token_ids)
         tools = self._tools(req)
-        try:
-            prompt_ids = self.tokenizer.apply_chat_template(req.messages, tools=tools)
-        except ValueError as e:
-            raise value_error(e, "messages") from None
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, f"top_logprobs must be an integer in [0, 20], got {req.top_logprobs}",
                            param="top_logprobs", code="invalid_value")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self.sampling_params(req, max_tokens, logprobs)
-        self.check_fits(prompt_ids, params, "messages")
-        self.metrics.prompt_tokens += len(prompt_ids)
+        if req.max_completion_tokens is not None:
+            max_tokens, max_tokens_param = req.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, max_tokens_param = req.max_tokens, "max_tokens"
+        params = self.sampling_params(req, max_tokens, logprobs, max_tokens_param=max_tokens_param)
+        prompt_ids = await self.run_blocking(self._chat_prompt, req, tools, params)
         request_id = new_id("chatcmpl")
+        self.submit([request_id], [prompt_ids], params, "messages")
+        self.metrics.prompt_tokens += len(prompt_ids)
         model = req.model or self.model_name
         if req.stream:
             stream = self._chat_stream(request_id, model, prompt_ids, params, tools is not None, req.include_usage,
                                        arrival)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return self.stream_response(stream, request_id)
 
-        final = await self.run_to_end(request, request_id, prompt_ids, params, arrival)
+        final = await self.run_to_end(request, request_id, arrival)
         choices = [self._chat_choice(c, tools is not None, logprobs) for c in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         body = envelope(request_id, "chat.completion", model)
@@ -230,7 +275,7 @@ class OpenAIServer:
         for i in range(params.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         try:
-            async with aclosing(self.aengine.generate(request_id, prompt_ids, params)) as outputs:
+            async with aclosing(self.aengine.stream(request_id)) as outputs:
                 async for out in outputs:
                     timing.update(out)
                     for c in out.outputs:
@@ -265,8 +310,7 @@ class OpenAIServer:
                 yield chunk([], usage=self.usage(len(prompt_ids), completion_tokens))
         except Exception as e:  # noqa: BLE001 -- one failing request answers an error event, never kills the server
             # Headers are sent: report the failure in the stream, as OpenAI-compatible servers do.
-            logger.exception("request %s failed mid-stream", request_id)
-            yield f"data: {json.dumps(error_body(str(e), type='server_error', code='internal_error'))}\n\n"
+            yield f"data: {json.dumps(server_error(e).body())}\n\n"
         except BaseException:  # the client went away (cancelled): the request was aborted by aclosing
             if not all(done):
                 self.metrics.aborted_requests += 1
@@ -292,6 +336,13 @@ class OpenAIServer:
                 out.append((None, list(p)))
         return out
 
+    def _completion_prompts(self, req: CompletionRequest, params: SamplingParams) -> list[tuple[str | None, list[int]]]:
+        """Tokenize (in a worker thread) and check that every prompt fits."""
+        prompts = self._prompts(req)
+        for _, ids in prompts:
+            self.check_fits(ids, params, "prompt")
+        return prompts
+
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         self.authorize(request)
@@ -301,34 +352,42 @@ class OpenAIServer:
             raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of", code="unsupported_value")
-        prompts = self._prompts(req)
+        num_prompts = _num_prompts(req.prompt)
+        self.limits.check_request(req.n, req.stop, req.stop_token_ids, num_prompts)
+        if req.stream and num_prompts != 1:
+            raise APIError(400, "streaming takes one prompt", param="prompt", code="unsupported_value")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
-        for _, ids in prompts:
-            self.check_fits(ids, params, "prompt")
+        prompts = await self.run_blocking(self._completion_prompts, req, params)
+        request_id = new_id("cmpl")
+        request_ids = [request_id] if req.stream else [f"{request_id}-{p}" for p in range(len(prompts))]
+        self.submit(request_ids, [ids for _, ids in prompts], params, "prompt")
         for _, ids in prompts:
             self.metrics.prompt_tokens += len(ids)
-        request_id = new_id("cmpl")
         model = req.model or self.model_name
         if req.stream:
-            if len(prompts) != 1:
-                raise APIError(400, "streaming takes one prompt", param="prompt", code="unsupported_value")
             stream = self._completion_stream(request_id, model, prompts[0], params, req, arrival)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return self.stream_response(stream, request_id)
 
-        tasks = [asyncio.ensure_future(self.run_to_end(request, f"{request_id}-{p}", ids, params, arrival))
-                 for p, (_, ids) in enumerate(prompts)]
+        tasks = [asyncio.ensure_future(self.run_to_end(request, rid, arrival)) for rid in request_ids]
         try:
             finals = await asyncio.gather(*tasks)
         finally:  # one prompt failing (or the client leaving) ends the others too
             for task in tasks:
                 task.cancel()
-        choices, completion_tokens, prompt_tokens = [], 0, 0
-        for p, ((_, ids), final) in enumerate(zip(prompts, finals)):
-            prompt_tokens += len(ids)
-            for c in final.outputs:
-                completion_tokens += len(c.token_ids)
-                choices.append(self._completion_choice(p * params.n + c.index, ids, final, c, req))
+            for rid in request_ids:
+                self.aengine.release(rid)
+
+        def build_choices() -> tuple[list[dict], int, int]:  # detokenizes echoed prompts: in a worker thread
+            choices, completion_tokens, prompt_tokens = [], 0, 0
+            for p, ((_, ids), final) in enumerate(zip(prompts, finals)):
+                prompt_tokens += len(ids)
+                for c in final.outputs:
+                    completion_tokens += len(c.token_ids)
+                    choices.append(self._completion_choice(p * params.n + c.index, ids, final, c, req))
+            return choices, completion_tokens, prompt_tokens
+
+        choices, completion_tokens, prompt_tokens = await self.run_blocking(build_choices)
         body = envelope(request_id, "text_completion", model)
         body["choices"] = choices
         body["usage"] = self.usage(prompt_tokens, completion_tokens)
@@ -361,11 +420,11 @@ class OpenAIServer:
         timing = _Timing(self.metrics, arrival)
         completion_tokens = 0
         if req.echo:
+            prompt_text = await self.run_blocking(self.tokenizer.decode, prompt_ids)
             for i in range(params.n):
-                yield chunk([{"index": i, "text": self.tokenizer.decode(prompt_ids), "logprobs": None,
-                              "finish_reason": None}])
+                yield chunk([{"index": i, "text": prompt_text, "logprobs": None, "finish_reason": None}])
         try:
-            async with aclosing(self.aengine.generate(request_id, prompt_ids, params)) as outputs:
+            async with aclosing(self.aengine.stream(request_id)) as outputs:
                 async for out in outputs:
                     timing.update(out)
                     for c in out.outputs:
@@ -380,8 +439,7 @@ class OpenAIServer:
             if req.include_usage:
                 yield chunk([], usage=self.usage(len(prompt_ids), completion_tokens))
         except Exception as e:  # noqa: BLE001 -- one failing request answers an error event, never kills the server
-            logger.exception("request %s failed mid-stream", request_id)
-            yield f"data: {json.dumps(error_body(str(e), type='server_error', code='internal_error'))}\n\n"
+            yield f"data: {json.dumps(server_error(e).body())}\n\n"
         yield "data: [DONE]\n\n"
 
     # ---- the rest -------------------------------------------------------------------------------
@@ -392,13 +450,23 @@ class OpenAIServer:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
-        if self.aengine.errored is not None:
-            return JSONResponse(error_body("the engine loop failed", type="server_error"), status_code=503)
+        reason = self.lifecycle.unavailable()  # (the middleware answers these first)
+        if reason is not None:
+            return error_response(APIError(503, reason, type="server_error", code="service_unavailable"))
         return JSONResponse({"status": "ok"})
 
     async def metrics_text(self, request: Request) -> Response:
+        if not self.metrics_public:
+            self.authorize(request)
         text = self.metrics.render(self.engine, self.aengine.num_requests)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _num_prompts(prompt: str | list) -> int:
+    """How many prompts `prompt` holds: a string or a list of token ids is one."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return 1
+    return len(prompt)
 
 
 def _may_be_tool_call(text: str) -> bool:
@@ -411,39 +479,36 @@ def _finish_reason(c: CompletionOutput) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
 def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
               price_input_per_m: float = DEFAULT_PRICE_INPUT_PER_M,
-              price_output_per_m: float = DEFAULT_PRICE_OUTPUT_PER_M,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              price_output_per_m: float = DEFAULT_PRICE_OUTPUT_PER_M, limits: ServerLimits | None = None,
+              metrics_public: bool = False, shutdown_timeout: float = 30.0) -> FastAPI:
     server = OpenAIServer(engine, served_model_name=served_model_name, api_key=api_key,
                           price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m,
-                          max_body_bytes=max_body_bytes)
+                          limits=limits, metrics_public=metrics_public, shutdown_timeout=shutdown_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         server.aengine.start()
         yield
         await server.aengine.stop()
+        server.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fp8-turbo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.state.lifecycle = server.lifecycle
+    app.add_middleware(RequestContextMiddleware, availability=server.lifecycle)
 
-    def route(endpoint: str, handler: Callable[[Request], Awaitable[Response]]):
+    def route(endpoint: str | None, handler: Callable[[Request], Awaitable[Response]]):
         async def handle(request: Request) -> Response:
             try:
                 response = await handler(request)
             except APIError as e:
-                response = _error_response(e)
+                response = error_response(e)
             except Exception as e:  # one failing request must not take the server down
-                logger.exception("%s failed", endpoint)
-                status = 503 if isinstance(e, EngineDeadError) else 500
-                response = JSONResponse(error_body(f"internal error: {e!r}", type="server_error",
-                                                   code="internal_error"), status_code=status)
-            server.metrics.count_request(endpoint, response.status_code)
+                response = error_response(server_error(e))
+            if endpoint is not None:
+                server.metrics.count_request(endpoint, response.status_code)
             return response
         return handle
 
@@ -453,40 +518,41 @@ def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None 
     app.add_api_route("/v1/openai/completions", route("completions", server.completions), methods=["POST"])
     app.add_api_route("/v1/models", route("models", server.models), methods=["GET"])
     app.add_api_route("/v1/openai/models", route("models", server.models), methods=["GET"])
-    app.add_api_route("/health", server.health, methods=["GET"])
-    app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+    app.add_api_route("/health", route(None, server.health), methods=["GET"])
+    app.add_api_route("/metrics", route(None, server.metrics_text), methods=["GET"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unknown paths and methods still answer in OpenAI's error shape (auth first under /v1).
+        # Unknown paths and methods still answer in OpenAI's error shape (auth first under /v1), with the
+        # router's headers (Allow on a 405).
         if request.url.path.startswith("/v1"):
             try:
                 server.authorize(request)
             except APIError as e:
-                return _error_response(e)
-        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+                return error_response(e)
+        return error_response(APIError(exc.status_code, str(exc.detail), code=str(exc.status_code),
+                                       headers=exc.headers))
 
     return app
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """`fp8-turbo serve`: load the model, then serve until interrupted."""
-    import uvicorn
-
+    """`fp8-turbo serve`: load the model, then serve until a signal (exit 0) or the engine's death (exit 1)."""
     from engine.core.engine_config import EngineConfig
 
     logging.getLogger("fp8_turbo").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    limits = limits_from_args(args)
     config = EngineConfig(model=args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                           device=args.device, max_model_len=args.max_model_len, seed=args.seed)
     engine = LLMEngine(config)
     name = args.served_model_name or args.model
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = build_app(engine, served_model_name=name, api_key=api_key, price_input_per_m=args.price_input,
-                    price_output_per_m=args.price_output)
+                    price_output_per_m=args.price_output, limits=limits, metrics_public=args.metrics_public,
+                    shutdown_timeout=args.shutdown_timeout)
     logger.info("loaded %s in %.1fs (quantization %s, KV cache %s: %d tokens); serving %r at http://%s:%d/v1%s",
                 args.model, engine.load_seconds, config.quantization, config.kv_cache_dtype,
                 engine.kv_capacity_tokens, name, args.host, args.port, " (API key required)" if api_key else "")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
-    return 0
+    return serve(app, host=args.host, port=args.port, header_timeout=limits.header_timeout)
