@@ -17,6 +17,7 @@ import uvicorn
 
 from engine.core.engine_config import EngineConfig
 from engine.core.llm_engine import LLMEngine
+from engine.serving.lifecycle import uvicorn_config
 from engine.serving.metrics import parse_metrics
 from engine.serving.server import build_app
 
@@ -38,14 +39,15 @@ def tiny_engine(path: Path, **options) -> LLMEngine:
 class ServerThread:
     """`with ServerThread(app) as s:` serves `app` at `s.url` until the block ends."""
 
-    def __init__(self, app):
+    def __init__(self, app, header_timeout: float = 30.0):
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        config = uvicorn_config(app, header_timeout=header_timeout, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":
@@ -77,9 +79,9 @@ class ServerThread:
             time.sleep(0.05)
 
 
-def start_server(engine: LLMEngine, **app_options) -> ServerThread:
+def start_server(engine: LLMEngine, header_timeout: float = 30.0, **app_options) -> ServerThread:
     app_options.setdefault("served_model_name", SEED_MODEL_NAME)
-    server = ServerThread(build_app(engine, **app_options))
+    server = ServerThread(build_app(engine, **app_options), header_timeout)
     server.engine = engine  # for tests that read the tokenizer; never step it while the server runs
     return server.__enter__()
 

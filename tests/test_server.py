@@ -270,6 +270,9 @@ def test_auth(auth_server):
             assert r.status_code == 401, (headers, path, r.text)
             assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{url}/health").status_code == 200
+    # /metrics is behind the key too (unless --metrics-public).
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    assert httpx.get(f"{url}/metrics", headers=seed_headers(KEY)).status_code == 200
     bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
