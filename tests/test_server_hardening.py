@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from engine.core.async_engine import FatalEngineError
 from engine.core.engine_config import EngineConfig
 from engine.core.llm_engine import LLMEngine
 from engine.serving.limits import MAX_JSON_DEPTH, ServerLimits
@@ -256,3 +257,42 @@ def test_slow_body_gets_408(impatient):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:300]
         assert 0.3 < time.monotonic() - t0 < 5
+
+
+# ---- a dead engine loop ---------------------------------------------------------------------------------------
+FATAL = 99  # a prompt holding token "w99" kills the engine loop
+
+
+@pytest.fixture
+def doomed(tiny):
+    engine = LLMEngine(EngineConfig(model=tiny.config.model, device="cpu", kv_cache_memory_bytes=1 << 20))
+    sampler = engine.sampler
+
+    def faulty(logits, rows):
+        if any(FATAL in row.prompt_token_ids for row in rows):
+            raise FatalEngineError("injected fatal fault")
+        return sampler(logits, rows)
+
+    engine.sampler = faulty
+    s = start_server(engine)
+    yield s
+    s.__exit__()
+
+
+def test_dead_engine_loop_fails_pending_requests_at_once_and_health_says_503(doomed):
+    url = doomed.url
+    with httpx.Client(timeout=30) as client:
+        stream = _open_stream(url, client, max_tokens=480)
+        lines = stream.iter_lines()
+        next(lines)
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}{COMPLETIONS}", json={"model": MODEL, "prompt": [5, FATAL], "max_tokens": 4}, timeout=30)
+        assert r.status_code == 500 and r.headers["x-request-id"] in r.json()["error"]["message"]
+        rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"internal_error"' in rest[-2], rest[-2:]
+        stream.close()
+        assert time.monotonic() - t0 < 10  # failed at once, not when max_tokens ran out
+    health = httpx.get(f"{url}/health")
+    assert health.status_code == 503 and "engine" in health.json()["error"]["message"]
+    r = httpx.post(f"{url}{CHAT}", json=chat())
+    assert r.status_code == 503 and r.headers["retry-after"]

@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from engine.serving.limits import MAX_JSON_DEPTH
 from engine.serving.protocol import APIError
@@ -45,6 +45,8 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
 
     try:
         await asyncio.wait_for(read(), timeout)
+    except ClientDisconnect:
+        raise APIError(499, "the client closed the connection", code="client_closed") from None
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
                        headers={"Connection": "close"}) from None
