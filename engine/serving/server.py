@@ -237,7 +237,10 @@ class OpenAIServer:
                                        arrival)
             return self.stream_response(stream, request_id)
 
-        final = await self.run_to_end(request, request_id, arrival)
+        try:
+            final = await self.run_to_end(request, request_id, arrival)
+        finally:
+            self.aengine.release(request_id)  # (a no-op unless it never started)
         choices = [self._chat_choice(c, tools is not None, logprobs) for c in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         body = envelope(request_id, "chat.completion", model)
