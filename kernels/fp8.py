@@ -72,13 +72,30 @@ def dequantize_fp8(x_fp8: torch.Tensor, scale: torch.Tensor, block: int = 128) -
     return (x * expand_scale(scale, x.shape[0], cols, block)).reshape(x_fp8.shape)
 
 
+def weight_amax(w: torch.Tensor, granularity: str = "channel", block: int = 128) -> torch.Tensor:
+    """max |w| in the layout of the weight's scale (see quantize_weight); fp32."""
+    n, k = w.shape
+    w = w.float().abs()
+    if granularity == "channel":
+        return w.amax(dim=1, keepdim=True)  # [N, 1]
+    if granularity == "tensor":
+        return w.amax().reshape(1)  # [1]
+    if granularity == "block":
+        nb, kb = _cdiv(n, block), _cdiv(k, block)
+        padded = torch.nn.functional.pad(w, (0, kb * block - k, 0, nb * block - n))
+        return padded.view(nb, block, kb, block).amax(dim=(1, 3))  # [Nb, Kb]
+    raise ValueError(f"quantize_weight: granularity={granularity!r}; allowed: 'channel', 'tensor', 'block'")
+
+
 def quantize_weight(
-    w: torch.Tensor, granularity: str = "channel", block: int = 128
+    w: torch.Tensor, granularity: str = "channel", block: int = 128, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a linear weight w [N, K] (out, in) to e4m3.
 
     granularity: "channel" -> scale [N, 1]; "tensor" -> scale [1];
                  "block"   -> scale [ceil(N/block), ceil(K/block)] (DeepSeek/transformers 128x128).
+    `scale` (that layout) is used instead of computing it from w: a tensor-parallel shard of a weight
+    takes the scale of the whole weight (engine/model/parallel.py).
     Returns (w_fp8 [N, K] float8_e4m3fn, scale fp32). NaN/Inf in w raise ValueError.
     """
     if w.dim() != 2:
@@ -91,15 +108,11 @@ def quantize_weight(
             "FP8 quantization needs finite weights (check the checkpoint)"
         )
     n, k = w.shape
-    if granularity == "channel":
-        scale = compute_scale(w.abs().amax(dim=1, keepdim=True))  # [N, 1]
-    elif granularity == "tensor":
-        scale = compute_scale(w.abs().amax().reshape(1))  # [1]
-    elif granularity == "block":
-        nb, kb = _cdiv(n, block), _cdiv(k, block)
-        padded = torch.nn.functional.pad(w.abs(), (0, kb * block - k, 0, nb * block - n))
-        scale = compute_scale(padded.view(nb, block, kb, block).amax(dim=(1, 3)))  # [Nb, Kb]
-    else:
+    if scale is None:
+        scale = compute_scale(weight_amax(w, granularity, block))
+    elif granularity not in ("channel", "tensor", "block"):
         raise ValueError(f"quantize_weight: granularity={granularity!r}; allowed: 'channel', 'tensor', 'block'")
+    else:
+        scale = scale.float()
     q = round_to_e4m3(w / expand_scale(scale, n, k, block))
     return q.to(FP8_DTYPE), scale

@@ -3,7 +3,8 @@
     quantize_fp8(x, granularity="token" | "tensor" | "group", group_size=128, scale=None) -> (x_fp8, scale)
         x [..., K] fp32/bf16/fp16 -> x_fp8 [..., K] float8_e4m3fn and an fp32 scale:
         "token" [..., 1] (one per row), "group" [..., ceil(K/group_size)], "tensor" [1].
-        `scale` (per-tensor only) is a static scale, e.g. a checkpoint's input_scale.
+        `scale` is given instead of computed: per-tensor [1] (a checkpoint's static input_scale) or
+        per-token [..., 1] (from the whole row when x is a shard of it: row-parallel layers).
     fake_quantize_fp8(x, ...) -> fp32 x_hat == dequantize_fp8(*quantize_fp8(x, ...)), bit for bit.
 
 Numerics are those of kernels/fp8.py (scale = max(amax, 1e-12) / 448, q = round_to_e4m3(x / scale)).
@@ -56,13 +57,15 @@ def _quantize_row_kernel(
     M, K,
     stride_xm, stride_qm,
     # meta
-    STATIC_SCALE: tl.constexpr,  # True: read scale[0] (per-tensor); False: per-row scale from amax
+    STATIC_SCALE: tl.constexpr,  # 0: per-row scale from amax; 1 (True): read scale[0]; 2: read scale[row]
     BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     q_row = q_ptr + pid_m.to(tl.int64) * stride_qm
-    if STATIC_SCALE:
+    if STATIC_SCALE == 2:
+        scale = tl.load(scale_ptr + pid_m)
+    elif STATIC_SCALE:
         scale = tl.load(scale_ptr)
     else:
         # pass 1: amax of the row
@@ -127,11 +130,14 @@ def _quantize_fp8_triton(x2: torch.Tensor, granularity: str, group_size: int, sc
             GROUP_SIZE=group_size, BLOCK_G=triton.next_power_of_2(group_size), GROUPS_PER_PROG=GROUPS_PER_PROG,
         )
         return q, scale
-    static = granularity == "tensor"
-    if static and scale is None:
-        scale = compute_scale(x2.abs().amax().reshape(1))  # one torch reduction, then the kernel
-    elif not static:
-        scale = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
+    if granularity == "tensor":
+        static = 1
+        if scale is None:
+            scale = compute_scale(x2.abs().amax().reshape(1))  # one torch reduction, then the kernel
+    elif scale is not None:  # per-token scales given
+        static, scale = 2, scale.contiguous()
+    else:
+        static, scale = 0, torch.empty((m, 1), dtype=torch.float32, device=x2.device)
     _quantize_row_kernel[(m,)](
         x2, q, scale, m, k, x2.stride(0), q.stride(0), STATIC_SCALE=static, BLOCK_K=ROW_BLOCK_K,
     )
@@ -186,14 +192,20 @@ def _prepare(x: torch.Tensor, granularity: str, group_size: int, scale: torch.Te
         raise ValueError(f"quantize_fp8: x.dtype={x.dtype}; allowed: float32, bfloat16, float16")
     if x.dim() < 1:
         raise ValueError("quantize_fp8: x must have at least one dimension [..., K]")
-    if scale is not None:
-        if granularity != "tensor" or scale.numel() != 1:
-            raise ValueError(
-                f"quantize_fp8: a static scale is per-tensor only (granularity='tensor', 1 element); "
-                f"got granularity={granularity!r}, scale of shape {tuple(scale.shape)}"
-            )
-        scale = scale.reshape(1).float().to(x.device)
     x2 = x.reshape(-1, x.shape[-1])
+    if scale is not None:
+        # per-tensor: a checkpoint's static input_scale; per-token: scales computed elsewhere from the
+        # whole row (a row-parallel layer's shard, engine/model/parallel.py)
+        if granularity == "tensor" and scale.numel() == 1:
+            scale = scale.reshape(1).float().to(x.device)
+        elif granularity == "token" and scale.numel() == x2.shape[0]:
+            scale = scale.reshape(-1, 1).float().to(x.device)
+        else:
+            raise ValueError(
+                f"quantize_fp8: a static scale is per-tensor (granularity='tensor', 1 element) or per-token "
+                f"(granularity='token', one per row: {x2.shape[0]}); got granularity={granularity!r}, "
+                f"scale of shape {tuple(scale.shape)}"
+            )
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2, scale
