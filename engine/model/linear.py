@@ -106,15 +106,18 @@ class Linear(nn.Module):
         else:
             self.weight = nn.Parameter(dequantize_fp8(w_fp8, self.weight_scale), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`act_scale` replaces the activation scale computed from x (row-parallel shards pass the scale
+        of the whole row: engine/model/parallel.py)."""
         if self.scheme == "none":
             return nn.functional.linear(x, self.weight, self.bias)
         act = self.act_granularity
+        act_scale = self.input_scale if act_scale is None else act_scale
         if not use_triton(x):
             from kernels.quantize import fake_quantize_fp8
 
             if act is not None:
-                x = fake_quantize_fp8(x, act, scale=self.input_scale)
+                x = fake_quantize_fp8(x, act, scale=act_scale)
             return nn.functional.linear(x, self.weight, self.bias)
         from kernels import fp8_gemm, quantize_fp8
         from kernels.fp8 import dequantize_fp8
@@ -123,7 +126,7 @@ class Linear(nn.Module):
             w = dequantize_fp8(self.weight_fp8, self.weight_scale).to(x.dtype)
             return nn.functional.linear(x, w, self.bias)
         x2 = x.reshape(-1, self.in_features)
-        xq, xs = quantize_fp8(x2, act, scale=self.input_scale)
+        xq, xs = quantize_fp8(x2, act, scale=act_scale)
         out = fp8_gemm(xq, self.weight_fp8, xs, self.weight_scale, out_dtype=x.dtype, bias=self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 

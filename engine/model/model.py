@@ -12,7 +12,9 @@ from torch import nn
 import kernels
 from engine.model.attention_metadata import AttentionMetadata
 from engine.model.config import ModelConfig, rope_inv_freq
-from engine.model.linear import Linear, QuantConfig
+from engine.model.linear import QuantConfig
+from engine.model.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TensorParallel,
+                                   VocabParallelEmbedding, attention_shard, split_evenly)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, KVH, D] each
 
@@ -51,15 +53,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str):
+    """This rank's heads (all of them without tensor parallelism: engine/model/parallel.py)."""
+
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str, tp: TensorParallel):
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        shard = attention_shard(cfg, tp)
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.q_size, self.kv_size = shard.num_heads * cfg.head_dim, shard.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias, quant=quant, name=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias, quant=quant, name=f"{prefix}.o_proj")
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, shard.qkv_parts(cfg), bias=cfg.attention_bias, quant=quant,
+                                             name=f"{prefix}.qkv_proj", tp=tp)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias, quant=quant,
+                                        name=f"{prefix}.o_proj", tp=tp)
         # Per-layer FP8 KV-cache scales (1.0 unless the checkpoint or a calibration pass sets them).
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -88,11 +95,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str, tp: TensorParallel):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, quant=quant, name=f"{prefix}.gate_up_proj")
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, quant=quant, name=f"{prefix}.down_proj")
+        self.intermediate_size = split_evenly(cfg.intermediate_size, tp.size, "intermediate_size")  # this rank's
+        part = (cfg.intermediate_size, tp.rank * self.intermediate_size, self.intermediate_size)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [part, part], bias=cfg.mlp_bias, quant=quant,
+                                                 name=f"{prefix}.gate_up_proj", tp=tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, quant=quant,
+                                           name=f"{prefix}.down_proj", tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -100,13 +110,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig, layer_idx: int, tp: TensorParallel):
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, quant, f"{prefix}.self_attn")
+        self.self_attn = Attention(cfg, quant, f"{prefix}.self_attn", tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, quant, f"{prefix}.mlp")
+        self.mlp = MLP(cfg, quant, f"{prefix}.mlp", tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
@@ -114,21 +124,31 @@ class Block(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None):
+    """The whole model, or with `tp` one rank's shard of it (engine/model/parallel.py); the forward pass is
+    the same, the parallel layers do the collectives."""
+
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None, tp: TensorParallel | None = None):
         super().__init__()
         quant = (quant or QuantConfig()).for_model(cfg.num_layers)
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tp = tp = tp or TensorParallel()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg)
-        self.layers = nn.ModuleList([Block(cfg, quant, i) for i in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([Block(cfg, quant, i, tp) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # lm_head stays in high precision by default (QuantConfig decides); tied to the embedding when
         # the checkpoint says so (the loader then shares the tensor).
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, quant=quant, name="lm_head")
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, quant=quant, tp=tp)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads in this rank's cache."""
+        return self.layers[0].self_attn.num_kv_heads
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
-        """input_ids [T] -> logits [len(meta.logits_indices), vocab] in fp32."""
+        """input_ids [T] -> logits [len(meta.logits_indices), vocab] in fp32 (on rank 0 of a tensor-parallel
+        group; the other ranks get their vocabulary shard's)."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(meta.positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
