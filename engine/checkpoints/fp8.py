@@ -234,7 +234,7 @@ class Fp8Loader:
         if missing:
             raise Fp8CheckpointError(f"{m.name}: F8_E4M3 weight without {leaf} for {missing}")
         q = m.weight.data
-        rows = shard_rows(self.cfg, m.name) if len(shards) > 1 else [m.out_features]
+        rows = m.part_sizes if len(shards) > 1 else [m.out_features]  # this rank's rows of each shard
         try:
             scale = fuse_scales([self.scales[(s, leaf)] for s in shards], rows, m.in_features)
         except ValueError as e:
@@ -250,14 +250,6 @@ class Fp8Loader:
             if any(s is None for s in inputs):
                 raise Fp8CheckpointError(f"{m.name}: static activation scheme but no input_scale for {shards}")
             m.input_scale = torch.stack([s.reshape(()) for s in inputs]).max().reshape(1).to(q.device)
-
-
-def shard_rows(cfg: ModelConfig, name: str) -> list[int]:
-    """Rows of each stored shard of a fused module (qkv_proj or gate_up_proj)."""
-    if name.endswith("qkv_proj"):
-        return [cfg.q_size, cfg.kv_size, cfg.kv_size]
-    assert name.endswith("gate_up_proj"), name
-    return [cfg.intermediate_size] * 2
 
 
 def fuse_scales(scales: list[torch.Tensor], rows: list[int], cols: int) -> torch.Tensor:

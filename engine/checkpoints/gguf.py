@@ -14,7 +14,7 @@ itself is not yielded as a weight.
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,26 +371,50 @@ def unpermute_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
+def _dequantize_slice(t: _TensorInfo, spec: tuple[int, int, int] | None) -> torch.Tensor:
+    """Dequantize tensor `t`, or only rows/columns start:stop of it (spec = (dim, start, stop)): the
+    bytes of those rows, or of those blocks of every row when the columns fall on block edges."""
+    if spec is None:
+        return dequantize(t.data, t.qtype).reshape(t.shape)
+    dim, start, stop = spec
+    rows, cols = t.shape
+    block_size, type_size = GGML_QUANT_SIZES[t.qtype]
+    per_row = t.data.reshape(rows, cols // block_size * type_size)
+    if dim == 0:
+        return dequantize(per_row[start:stop], t.qtype).reshape(stop - start, cols)
+    if start % block_size == 0 and stop % block_size == 0:
+        raw = np.ascontiguousarray(per_row[:, start // block_size * type_size : stop // block_size * type_size])
+        return dequantize(raw, t.qtype).reshape(rows, stop - start)
+    # columns inside a block (e.g. a 256-wide K-quant block): dequantize rows in chunks, keep the columns
+    chunk = max(1, (1 << 22) // cols)
+    return torch.cat([dequantize(per_row[r : r + chunk], t.qtype).reshape(-1, cols)[:, start:stop]
+                      for r in range(0, rows, chunk)])
+
+
 @torch.inference_mode()
 def iter_gguf_tensors(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True,
+    select: Callable[[str, tuple[int, ...]], tuple[int, int, int] | None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every weight of a Llama GGUF, one at a time, in file order.
 
     Tensors have HF checkpoint shapes ([out, in] for linears) and `dtype`; `lm_head.weight` only
-    appears when the file has `output.weight` (otherwise embeddings are tied).
+    appears when the file has `output.weight` (otherwise embeddings are tied). `select(hf_name, shape)`
+    may ask for a slice (dim, start, stop) of a 2-D tensor: only its bytes are dequantized.
     """
     gguf = _read_gguf(path)
     n_head, n_kv = _Metadata(gguf, path).heads()
     tensors = [t for t in gguf.tensors.values() if t.name != ROPE_FREQS]  # rope_freqs is config (module doc)
     for t in tqdm(tensors, desc=f"Loading {os.path.basename(os.fspath(path))}", unit="tensor", disable=not progress):
         hf_name = _hf_name(t.name)
+        spec = select(hf_name, t.shape) if select is not None and len(t.shape) == 2 else None
         try:
-            w = dequantize(t.data, t.qtype).reshape(t.shape)
+            w = _dequantize_slice(t, spec)
         except NotImplementedError as e:
             raise GGUFError(f"tensor {t.name!r} has unsupported GGUF tensor type {t.qtype.name}") from e
+        # The rotary permutation is within each head, and a slice of q/k rows holds whole heads.
         if hf_name.endswith("q_proj.weight"):
-            w = unpermute_rotary_rows(w, n_head)
+            w = unpermute_rotary_rows(w, n_head * w.shape[0] // t.shape[0])
         elif hf_name.endswith("k_proj.weight"):
-            w = unpermute_rotary_rows(w, n_kv)
+            w = unpermute_rotary_rows(w, n_kv * w.shape[0] // t.shape[0])
         yield hf_name, w.to(dtype)

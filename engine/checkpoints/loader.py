@@ -2,7 +2,8 @@
 
 Tensors (from engine/checkpoints/source.py) are read one at a time and copied into preallocated
 (fused) parameters, so the model is never held twice in memory; pre-quantized FP8 checkpoints go
-through engine/checkpoints/fp8.py.
+through engine/checkpoints/fp8.py. A tensor-parallel rank reads only its slice of each tensor (the
+layers say which: engine/model/parallel.py), so no rank ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from engine.checkpoints.source import CheckpointError, ModelSource, iter_checkpo
 from engine.model.config import ModelConfig
 from engine.model.linear import Linear, QuantConfig
 from engine.model.model import LlamaModel, RotaryEmbedding
+from engine.model.parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel, shard_selector
 
 # HF name suffix -> (fused parameter suffix, shard index); shards are stacked along dim 0.
 _FUSED = {
@@ -25,12 +27,6 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-
-
-def _shard_offsets(cfg: ModelConfig, fused: str) -> list[int]:
-    if fused == "qkv_proj":
-        return [0, cfg.q_size, cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size]
-    return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
 
 
 def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], stream_quantize: bool = False) -> None:
@@ -59,17 +55,20 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]],
             param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
             setattr(modules[owner], leaf, param)
             params[target] = param
+        owner = modules[target.rpartition(".")[0]]
         if shard is None:
             dst = param.data
-        else:
-            fused = target.split(".")[-2]
-            offs = _shard_offsets(cfg, fused)
-            dst = param.data[offs[shard] : offs[shard + 1]]
+        else:  # this part's rows of the fused parameter (this rank's rows under tensor parallelism)
+            sizes = owner.part_sizes
+            dst = param.data[sum(sizes[:shard]) : sum(sizes[: shard + 1])]
+        if isinstance(owner, VocabParallelEmbedding) or owner is model.lm_head:
+            # the last rank's vocabulary shard runs past the vocabulary: zero rows
+            dst[tensor.shape[0]:].zero_()
+            dst = dst[: tensor.shape[0]]
         if tuple(dst.shape) != tuple(tensor.shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(dst.shape)}")
         dst.copy_(tensor)
         filled[target] = filled.get(target, 0) + 1
-        owner = modules[target.rpartition(".")[0]]
         if stream_quantize and isinstance(owner, Linear) and target.endswith(".weight") and filled[target] == _num_shards(target):
             owner.finalize()
     if "lm_head.weight" not in filled:
@@ -96,16 +95,21 @@ def _target_param(hf_name: str) -> tuple[str, int | None]:
     return hf_name.removeprefix("model."), None
 
 
-def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, device: torch.device, dtype: torch.dtype,
+                tp: TensorParallel | None = None) -> LlamaModel:
     """Build on the meta device (no memory), allocate once on `device`, then stream weights in.
 
     A pre-quantized FP8 checkpoint (engine.checkpoints.fp8) decides the scheme itself and brings its
-    own e4m3 weights and scales; other checkpoints are quantized here by `Linear.finalize()`."""
+    own e4m3 weights and scales; other checkpoints are quantized here by `Linear.finalize()`.
+    With `tp`, this rank's shard is built and read; every rank of the group must call this together
+    (FP8 scales that span ranks are max-reduced while loading)."""
+    tp = tp or TensorParallel()
     fp8_spec = detect(read_hf_config(source), cfg) if source.kind == "hf" else None
     if fp8_spec is not None:
         quant = fp8_spec.quant_config(quant)
+    check_tensor_parallel(cfg, tp.size, quant.scheme)
     with torch.device("meta"):
-        model = LlamaModel(cfg, quant).to(dtype)
+        model = LlamaModel(cfg, quant, tp).to(dtype)
     # Allocate everything now except the weights of Linears we quantize ourselves: those arrive one at a
     # time in load_weights and are quantized as soon as they are complete.
     stream = fp8_spec is None
@@ -120,7 +124,7 @@ def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, devic
         for m in model.modules():
             if isinstance(m, Linear) and m.bias is not None:
                 m.bias.data.zero_()
-    tensors = iter_checkpoint_tensors(source)
+    tensors = iter_checkpoint_tensors(source, shard_selector(model, _target_param) if tp.size > 1 else None)
     if fp8_spec is None:
         load_weights(model, tensors, stream_quantize=True)
     else:

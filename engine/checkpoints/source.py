@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,12 +83,19 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF tensor name, tensor) one at a time, memory-mapped where the format allows."""
+# select(name, shape) -> (dim, start, stop) of the tensor to read, or None for all of it
+Selector = Callable[[str, tuple[int, ...]], "tuple[int, int, int] | None"]
+
+
+def iter_checkpoint_tensors(source: ModelSource, select: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF tensor name, tensor) one at a time, memory-mapped where the format allows.
+
+    `select` (a tensor-parallel rank's shard, engine/model/parallel.py) picks a slice of each tensor
+    along dim 0 or 1; only that slice is read (safetensors `get_slice`, GGUF rows/blocks)."""
     if source.kind == "gguf":
         from engine.checkpoints.gguf import iter_gguf_tensors
 
-        yield from iter_gguf_tensors(source.path)
+        yield from iter_gguf_tensors(source.path, select=select)
         return
     files = _safetensors_files(source.path)
     with tqdm(desc=f"loading {source.path.name}", unit="tensor", leave=False) as bar:
@@ -98,7 +105,18 @@ def iter_checkpoint_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Te
                     names = list(f.keys())
                     bar.total = (bar.total or 0) + len(names)
                     for name in names:
-                        yield name, f.get_tensor(name)
+                        yield name, _read(f, name, select)
                         bar.update(1)
             except SafetensorError as e:
                 raise CheckpointError(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from e
+
+
+def _read(f, name: str, select: Selector | None) -> torch.Tensor:
+    if select is None:
+        return f.get_tensor(name)
+    view = f.get_slice(name)
+    spec = select(name, tuple(view.get_shape()))
+    if spec is None:
+        return f.get_tensor(name)
+    dim, start, stop = spec
+    return view[start:stop] if dim == 0 else view[:, start:stop]
