@@ -18,14 +18,17 @@ class LLM:
     """Load a model once, then generate for many prompts with continuous batching.
 
     `model` is "smollm2-135m-instruct" (embedded), an HF checkpoint directory or a .gguf file.
+    `tensor_parallel_size=N` shards the model over N processes (this one and N-1 spawned workers; on
+    CUDA one GPU each): scripts that create one need the `if __name__ == "__main__":` guard of spawn.
     Extra keyword arguments go to `EngineConfig` (block_size, max_num_seqs, kv_cache_memory_bytes, ...).
     """
 
     def __init__(self, model: str, *, quantization: str | None = None, kv_cache_dtype: str = "auto",
                  device: str = "auto", dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 **engine_options):
+                 tensor_parallel_size: int = 1, **engine_options):
         config = EngineConfig(model=model, quantization=quantization, kv_cache_dtype=kv_cache_dtype, device=device,
-                              dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_options)
+                              dtype=dtype, max_model_len=max_model_len, seed=seed,
+                              tensor_parallel_size=tensor_parallel_size, **engine_options)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
@@ -35,6 +38,10 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers now (they also stop when this object is collected or at exit)."""
+        self.engine.shutdown()
 
     def generate(self, prompts: PromptType | SequenceABC[PromptType],
                  sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,

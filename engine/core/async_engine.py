@@ -19,6 +19,7 @@ import torch
 
 from engine.core.llm_engine import LLMEngine
 from engine.core.outputs import RequestOutput
+from engine.core.workers import TensorParallelError
 from engine.sampling.params import SamplingParams
 
 logger = logging.getLogger("fp8_turbo")
@@ -36,8 +37,9 @@ class FatalEngineError(RuntimeError):
     """Raised by engine code whose state can no longer be trusted: the engine loop stops for good."""
 
 
-# A device error (CUDA's sticky errors, a device-side assert) leaves the context unusable.
-FATAL_ERRORS: tuple[type[BaseException], ...] = (FatalEngineError, MemoryError) + (
+# A device error (CUDA's sticky errors, a device-side assert) leaves the context unusable; a dead or
+# out-of-step tensor-parallel worker leaves the model unusable.
+FATAL_ERRORS: tuple[type[BaseException], ...] = (FatalEngineError, MemoryError, TensorParallelError) + (
     (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ())
 
 

@@ -26,6 +26,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None  # CPU budget; default 1 GiB
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory after loading
+    tensor_parallel_size: int = 1  # ranks sharing the model (engine/core/workers.py); KV budget is per rank
 
     def __post_init__(self) -> None:
         if self.quantization is None:
@@ -42,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

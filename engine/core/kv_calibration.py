@@ -30,11 +30,12 @@ def calibration_text() -> str:
 
 @torch.inference_mode()
 def calibrate_kv_scales(model: LlamaModel, token_ids: list[int], block_size: int = 16) -> list[tuple[float, float]]:
-    """Run one prefill of `token_ids` and set every layer's (k_scale, v_scale); returns them."""
+    """Run one prefill of `token_ids` and set every layer's (k_scale, v_scale); returns them. Under
+    tensor parallelism every rank calls this together."""
     cfg = model.cfg
     device = model.embed_tokens.weight.device
     num_blocks = -(-len(token_ids) // block_size)
-    caches = allocate_kv_caches(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+    caches = allocate_kv_caches(cfg.num_layers, num_blocks, block_size, model.num_kv_heads, cfg.head_dim,
                                 model.embed_tokens.weight.dtype, device)
     amax: list[list[float]] = [[0.0, 0.0] for _ in model.layers]
     attns = [layer.self_attn for layer in model.layers]
@@ -53,6 +54,8 @@ def calibrate_kv_scales(model: LlamaModel, token_ids: list[int], block_size: int
     finally:
         for attn in attns:
             attn.kv_observer = None
+    # tensor parallelism: each rank saw its own heads; the layer's scale covers all of them
+    amax = model.tp.all_reduce(torch.tensor(amax, dtype=torch.float32, device=device), op="max").tolist()
     scales = []
     for attn, (k_amax, v_amax) in zip(attns, amax):
         attn.k_scale = max(k_amax, 1e-6) * HEADROOM / E4M3_MAX

@@ -5,8 +5,10 @@ One step: schedule -> model forward -> sample -> append tokens, detokenize, chec
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import weakref
 
 import torch
 
@@ -18,6 +20,8 @@ from engine.model.linear import QuantConfig
 from engine.checkpoints.loader import build_model
 from engine.checkpoints.source import read_hf_config, resolve_model
 from engine.core.model_runner import ModelRunner
+from engine.core.workers import ParallelModelRunner, WorkerGroup
+from engine.model.parallel import check_tensor_parallel
 from engine.core.outputs import RequestOutput
 from engine.core.request import Request, logprob_dict
 from engine.sampling.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
@@ -41,17 +45,33 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.source = resolve_model(config.model)
         self.model_config = ModelConfig.from_hf_dict(read_hf_config(self.source))
-        self.tokenizer: Tokenizer = load_tokenizer(self.source.path)
         self.device = config.torch_device()
+        # Tensor parallelism: this process is rank 0 of the group and drives the workers
+        # (engine/core/workers.py); every model-touching step below runs on all ranks together.
+        self.workers: WorkerGroup | None = None
+        if config.tensor_parallel_size > 1:
+            check_tensor_parallel(self.model_config, config.tensor_parallel_size, config.quantization)  # fail fast
+            self.workers = WorkerGroup.start(config, self.device)
+            weakref.finalize(self, self.workers.shutdown)
+        try:
+            self._init(config, t0)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _init(self, config: EngineConfig, t0: float) -> None:
+        self.tokenizer: Tokenizer = load_tokenizer(self.source.path)
         self.dtype = config.torch_dtype(self.device)
         quant = QuantConfig(config.quantization, config.quantization_ignore)
-        self.model = build_model(self.source, self.model_config, quant, self.device, self.dtype)
+        self.model = build_model(self.source, self.model_config, quant, self.device, self.dtype,
+                                 self.workers.tp if self.workers else None)
         self.load_seconds = time.perf_counter() - t0
 
         cfg = self.model_config
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         budget = self._kv_budget_bytes()  # before allocating: on CUDA it reads free memory
-        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
+        num_kv_heads = self.model.num_kv_heads  # this rank's (tensor parallelism splits the cache by heads)
+        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.kv_dtype)
         num_blocks = max(1, budget // (per_token * config.block_size))
         self.kv_capacity_tokens = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
@@ -59,26 +79,53 @@ class LLMEngine:
         self.kv_scale_source = None
         if self.kv_dtype == torch.float8_e4m3fn:
             ids = self.tokenizer.encode(calibration_text())[:CALIBRATION_TOKENS]
-            calibrate_kv_scales(self.model, ids, config.block_size)
+            with self._all_ranks("calibrate_kv", ids, config.block_size):
+                calibrate_kv_scales(self.model, ids, config.block_size)
             self.kv_scale_source = f"calibrated on {len(ids)} tokens"
-        kv_caches = allocate_kv_caches(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
-                                       self.kv_dtype, self.device)
+        with self._all_ranks("allocate_kv", num_blocks, self.kv_dtype):
+            kv_caches = allocate_kv_caches(cfg.num_layers, num_blocks, config.block_size, num_kv_heads, cfg.head_dim,
+                                           self.kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max(config.max_num_batched_tokens, config.block_size),
                                    config.max_num_seqs)
-        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
+        if self.workers is not None:
+            self.runner = ParallelModelRunner(self.model, kv_caches, config.block_size, self.device, self.workers)
+        else:
+            self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
         self.sampler = Sampler(seed=config.seed)
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
         # Both capacities, so the effect of an FP8 cache is visible at start-up.
         self.kv_capacity_by_dtype = {
-            str(dt).removeprefix("torch."): budget // kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dt)
+            str(dt).removeprefix("torch."): budget // kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, dt)
             for dt in (self.dtype, torch.float8_e4m3fn)
         }
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache %s: %d blocks x %d tokens = %d tokens (capacity by dtype: %s)%s",
                     config.model, config.quantization, self.dtype, self.load_seconds, self.kv_dtype, num_blocks,
                     config.block_size, self.kv_capacity_tokens, self.kv_capacity_by_dtype,
                     f"; FP8 KV scales {self.kv_scale_source}" if self.kv_scale_source else "")
+
+    def _all_ranks(self, name: str, *args):
+        """Context in which rank 0 does its part of a start-up step while the workers run Worker.<name>(*args)
+        (a no-op context without tensor parallelism)."""
+        return self.workers.call(name, *args) if self.workers is not None else contextlib.nullcontext([])
+
+    def collective_rpc(self, fn, *args) -> list:
+        """[fn(model, *args) on each rank], rank order: every rank's model shard (one without tensor
+        parallelism). `fn` must be picklable (a module-level function) to reach the workers."""
+        with self._all_ranks("run", fn, *args) as results:
+            mine = fn(self.model, *args)
+        return [mine, *results[1:]]
+
+    def check_health(self) -> None:
+        """Raise when the engine cannot run requests any more (a tensor-parallel worker died)."""
+        if self.workers is not None:
+            self.workers.check()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op without them); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def _kv_budget_bytes(self) -> int:
         if self.device.type == "cuda":

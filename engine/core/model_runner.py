@@ -25,6 +25,21 @@ class StepLogits:
     prompt_logits: dict[int, tuple[int, torch.Tensor]]
 
 
+@dataclass(slots=True)
+class HostStep:
+    """One step's model inputs as host lists (what a tensor-parallel rank 0 sends its workers)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    logits_indices: list[int]
+    block_tables: list[list[int]]
+    seq_lens: list[int]
+    cu_seqlens_q: list[int]
+    max_query_len: int
+    prompt_rows: list[tuple[int, int, int]]  # (seq position in batch, first predicted prompt index, rows)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[KVCache], block_size: int, device: torch.device):
         self.model = model
@@ -32,9 +47,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata, list[tuple[int, int, int]]]:
-        """Pack the new tokens of every sequence. Returns input ids [T], metadata, and for each
-        sequence wanting prompt logprobs (seq position in batch, first predicted prompt index, rows)."""
+    def host_step(self, batch: list[ScheduledSeq]) -> HostStep:
+        """Pack the new tokens of every sequence as host lists."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -63,21 +77,28 @@ class ModelRunner:
                 logits_indices.append(cu[-1] + n - 1)
             cu.append(cu[-1] + n)
             seq_lens.append(start + n)
-        max_blocks = max(len(item.seq.block_table) for item in batch)
+        return HostStep(input_ids, positions, slots, logits_indices, [list(i.seq.block_table) for i in batch],
+                        seq_lens, cu, max(i.num_new_tokens for i in batch), prompt_rows)
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata, list[tuple[int, int, int]]]:
+        """Input ids [T], metadata, and for each sequence wanting prompt logprobs (seq position in batch,
+        first predicted prompt index, rows)."""
+        host = self.host_step(batch)
+        max_blocks = max(len(t) for t in host.block_tables)
         tables = torch.zeros((len(batch), max_blocks), dtype=torch.int32)
-        for b, item in enumerate(batch):
-            tables[b, :len(item.seq.block_table)] = torch.tensor(item.seq.block_table, dtype=torch.int32)
+        for b, table in enumerate(host.block_tables):
+            tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
         dev = self.device
         meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            positions=torch.tensor(host.positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(host.slot_mapping, dtype=torch.int64, device=dev),
             block_tables=tables.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_query_len=max(item.num_new_tokens for item in batch),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor(host.cu_seqlens_q, dtype=torch.int32, device=dev),
+            max_query_len=host.max_query_len,
+            logits_indices=torch.tensor(host.logits_indices, dtype=torch.int64, device=dev),
         )
-        return torch.tensor(input_ids, dtype=torch.int64, device=dev), meta, prompt_rows
+        return torch.tensor(host.input_ids, dtype=torch.int64, device=dev), meta, host.prompt_rows
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> StepLogits:

@@ -17,6 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over N processes (N GPUs on CUDA; gloo on CPU)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -30,7 +32,7 @@ def _make_llm(args):
     from engine.llm import LLM
 
     return LLM(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
-               max_model_len=args.max_model_len, seed=args.seed)
+               max_model_len=args.max_model_len, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _params(args):

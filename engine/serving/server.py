@@ -453,7 +453,11 @@ class OpenAIServer:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
-        reason = self.lifecycle.unavailable()  # (the middleware answers these first)
+        try:
+            self.engine.check_health()  # a dead tensor-parallel worker, even while idle
+            reason = self.lifecycle.unavailable()  # (the middleware answers these first)
+        except RuntimeError as e:
+            reason = str(e)
         if reason is not None:
             return error_response(APIError(503, reason, type="server_error", code="service_unavailable"))
         return JSONResponse({"status": "ok"})
@@ -548,7 +552,8 @@ def run_server(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     limits = limits_from_args(args)
     config = EngineConfig(model=args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                          device=args.device, max_model_len=args.max_model_len, seed=args.seed)
+                          device=args.device, max_model_len=args.max_model_len, seed=args.seed,
+                          tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
     engine = LLMEngine(config)
     name = args.served_model_name or args.model
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
