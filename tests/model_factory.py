@@ -21,13 +21,15 @@ STYLES = {
 }
 
 
-def hf_config_dict(style: str, *, hidden_size: int = 64, layers: int = 2) -> dict:
+def hf_config_dict(style: str, *, hidden_size: int = 64, layers: int = 2, overrides: dict | None = None) -> dict:
+    """`overrides` (config.json fields) are applied last, e.g. head_dim or intermediate_size."""
     d = dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB, hidden_size=hidden_size,
         intermediate_size=2 * hidden_size + 32, num_hidden_layers=layers, rms_norm_eps=1e-5,
         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
     )
     d.update(STYLES[style])
+    d.update(overrides or {})
     return d
 
 
