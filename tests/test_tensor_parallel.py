@@ -41,7 +41,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.core.engine_config import EngineConfig
-from engine.core.workers import TensorParallelError, WorkerCrashedError
+from engine.core.workers import CAPACITY, HEADER, TensorParallelError, WorkerCrashedError
 from engine.model.config import ModelConfig
 from engine.model.parallel import (BLOCK, ColumnParallelLinear, RowParallelLinear, TensorParallel, _scale_slice,
                                    attention_shard, check_tensor_parallel)
@@ -292,14 +292,21 @@ def test_tp2(tiny31, quant):
     does every later one; health says so; shutdown leaves no process), for none the workers exiting
     when the LLM object is collected."""
     prompt = _ids(40, 1)  # past the llama3 rope's original context (32)
-    ref = make_reference(tiny31, quant, prompt, [_ids(5, 2), _ids(30, 3)], GEN_TOKENS)
+    # four 400-token prompts share the first step: its message overflows the inline buffer (two broadcasts)
+    gen_prompts = [_ids(5, 2), _ids(30, 3)] + [_ids(400, 10 + i) for i in range(4)]
+    ref = make_reference(tiny31, quant, prompt, gen_prompts, GEN_TOKENS)
     llm = LLM(tiny31, quantization=quant, tensor_parallel_size=2, **ENGINE)
     procs = list(llm.engine.workers.procs)
+    channel, sizes = llm.engine.workers.channel, []
+    send = channel.send
+    channel.send = lambda kind, fields=(), payload=None: (sizes.append(0 if payload is None else payload.numel()),
+                                                         send(kind, fields, payload))[1]
     try:
         check_weights(ref, llm)
         check_layers(ref, llm)
         stats = check_free_running(ref, llm, strict_tokens=True)
         assert stats["same_tokens"] == stats["tokens"]
+        assert max(sizes) > CAPACITY - HEADER, max(sizes)
         if quant == "none":
             del llm
             gc.collect()
