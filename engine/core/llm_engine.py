@@ -55,7 +55,9 @@ class LLMEngine:
             weakref.finalize(self, self.workers.shutdown)
         try:
             self._init(config, t0)
-        except BaseException:
+        except BaseException as e:
+            if self.workers is not None:
+                self.workers.failed(e)  # they may wait in a collective of the load: stop them now
             self.shutdown()
             raise
 

@@ -279,6 +279,9 @@ class WorkerGroup:
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = int(os.environ.get("MASTER_PORT") or _free_port(addr))
         local = int(os.environ.get("FP8_TURBO_LOCAL_RANKS", size))
+        if device.type == "cuda" and (device.index or 0) + min(local, size) > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={size} needs {min(local, size)} GPUs from {device} on, "
+                             f"{torch.cuda.device_count()} visible")
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(_threads_per_rank(size))
         ctx = mp.get_context("spawn")
@@ -341,8 +344,8 @@ class WorkerGroup:
                 self.error = WorkerCrashedError(f"tensor-parallel worker died: {names}; the engine cannot run "
                                                 f"requests any more (restart it)" + (f" [{cause!r}]" if cause else ""))
             else:
-                self.error = TensorParallelError(f"a tensor-parallel step failed on rank 0 and the workers are out "
-                                                 f"of step; the engine cannot run requests any more: {cause!r}")
+                self.error = TensorParallelError(f"tensor-parallel rank 0 failed and the workers are out of step; "
+                                                 f"the engine cannot run requests any more: {cause!r}")
             logger.error("%s", self.error)
             self._stop_workers()
         return self.error
