@@ -1,11 +1,12 @@
 """W8A8 FP8 GEMM: Triton kernel, launcher, torch reference.
 
-    fp8_gemm(a, b, a_scale, b_scale, out_dtype=torch.bfloat16, bias=None) -> c [M, N]
+    fp8_gemm(a, b, a_scale, b_scale, out_dtype=torch.bfloat16, bias=None, *, deterministic=False) -> c [M, N]
         c = (a * a_scale) @ (b * b_scale).T (+ bias)
         a [M, K] e4m3 (activations), b [N, K] e4m3, K-major (a linear layer's weight)
         a_scale: [1] per-tensor | [M, 1] per-token | [M, ceil(K/128)] per 1x128 group
         b_scale: [1] per-tensor | [N, 1] per-channel | [ceil(N/128), ceil(K/128)] per 128x128 block
                  | [N, ceil(K/128)] per 1x128 group (fused shards whose 128-row blocks do not align)
+    fp8_weight_only_gemm(x, b, b_scale, bias=None) -> c [M, N] in x.dtype     (W8A16, fp8-weight-only)
 
 Kernel (Triton tutorial 03 structure, grouped tile ordering): each BLOCK_K step's fp8 product is
 promoted into an fp32 accumulator (Hopper's fp8 wgmma keeps only ~14 bits when it accumulates by
@@ -14,13 +15,18 @@ side, the K loop scales each BLOCK_K partial product by its K block's scales ins
 128). Decode sizes (M <= 64) run swapped, c.T = b @ a.T, so the weight's N fills the 64-row wgmma tile
 and the tokens its narrow side (16-64), with split-K when the N tiles cannot fill the GPU; split-K
 writes fp32 partials [SPLIT_K, M, N] that are summed afterwards (deterministic, no atomics).
-Prefill sizes use 64/128-row tiles. Autotuning (CUDA) is keyed on the bucketed M; run each batch size
-bucket once before capturing CUDA graphs. Offsets are 32-bit: every operand stays below 2^31 elements.
+Prefill sizes use 64/128-row tiles. Autotuning (CUDA) is keyed on the bucketed token count and the
+weight's shape (never on N, the token count of the swapped path); run each batch-size bucket once before
+capturing CUDA graphs. W8A16 (weight-only) runs the same kernel with the e4m3 weight tile upcast to the
+activations' 16-bit type in registers. Deterministic mode fixes one tile config for every M (no swap, no
+split-K), so a row's result does not depend on the batch. Offsets are 32-bit: every operand stays below 2^31 elements.
 
 CPU reference (the production path on CPU): fp8 -> fp32 is exact, then one fp32 matmul with the
 per-tensor/row/channel scales applied to the output, or on dequantized operands for block scales.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -38,7 +44,9 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ----------------------------------------------------------------------------- Triton
 
 
-@triton.jit
+# Sizes and autotune-only keys are not specialized: the token count changes every step and must not
+# compile a new variant (value 1, multiples of 16); M_BUCKET / N_KEY only key the autotuner.
+@triton.jit(do_not_specialize=["M", "N", "M_BUCKET", "N_KEY"])
 def _fp8_gemm_kernel(
     # pointers
     a_ptr, b_ptr,  # a [M, K] e4m3, b [N, K] e4m3 (K-major both)
@@ -48,6 +56,7 @@ def _fp8_gemm_kernel(
     # sizes
     M, N, K,
     M_BUCKET,  # bucketed token count: only keys the autotuner
+    N_KEY,  # the weight's N (output features): only keys the autotuner (N is the token count when swapped)
     # strides
     stride_am, stride_ak,
     stride_bn, stride_bk,
@@ -65,6 +74,10 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # tile rows per group of the grouped ordering (L2 reuse of b)
     SPLIT_K: tl.constexpr,
+    # W8A16 (fp8 weight-only): one operand is bf16/fp16/fp32 activations; both are upcast to DOT_DTYPE
+    # in registers inside the K loop (e4m3 -> bf16 is exact), so the weight is read once, as 1 byte
+    UPCAST: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr = tl.bfloat16,
 ):
     # -- grouped ordering of the output tiles (tutorial 03)
     pid = tl.program_id(0)
@@ -101,15 +114,23 @@ def _fp8_gemm_kernel(
     for k in range(k_start, k_end, BLOCK_K):
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_end - k, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_end - k, other=0.0)
+        if UPCAST:  # W8A16: exact upcasts (DOT_DTYPE is fp32 in the interpreter: design.md pitfall 1)
+            a = a.to(DOT_DTYPE)
+            b = b.to(DOT_DTYPE)
         if A_SCALE_K or B_SCALE_K:
             # scales change along K: scale this step's fp32 product by its K block's scales,
             # which also promotes it into the fp32 accumulator (BLOCK_K divides 128)
-            partial = tl.dot(a, b)  # [BLOCK_M, BLOCK_N] fp32
+            if UPCAST:
+                partial = tl.dot(a, b, input_precision="ieee")  # [BLOCK_M, BLOCK_N] fp32
+            else:
+                partial = tl.dot(a, b)
             if A_SCALE_K:
                 partial = partial * tl.load(a_scale_rows + (k // 128) * stride_ask)[:, None]
             if B_SCALE_K:
                 partial = partial * tl.load(b_scale_rows + (k // 128) * stride_bsk)[None, :]
             acc += partial
+        elif UPCAST:
+            acc = tl.dot(a, b, acc, input_precision="ieee")  # 16-bit MMA accumulates in fp32
         else:
             # promote the fp8 MMA's partial sums into the fp32 accumulator every BLOCK_K
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
@@ -153,27 +174,43 @@ PREFILL_CONFIGS = [
     _config(64, 128, 128, 4, 4),
 ]
 GEMM_CONFIGS = DECODE_CONFIGS + PREFILL_CONFIGS
+# W8A16 (fp8 weight-only): 16-bit MMA operands take twice the registers/shared memory per K: BLOCK_K 64.
+W8A16_DECODE_CONFIGS = [_config(64, bn, 64, 4, 6) for bn in (16, 32, 64)]
+W8A16_PREFILL_CONFIGS = [_config(128, 128, 64, 8, 4), _config(64, 128, 64, 4, 4)]
+W8A16_CONFIGS = W8A16_DECODE_CONFIGS + W8A16_PREFILL_CONFIGS
+# Deterministic mode: one tile for every M, never swapped, never split along K, so a row's result does
+# not depend on how many rows share the batch (batch invariance, as on the CPU path).
+DETERMINISTIC_CONFIG = PREFILL_CONFIGS[2]
+W8A16_DETERMINISTIC_CONFIG = W8A16_PREFILL_CONFIGS[1]
 # The interpreter runs programs one at a time: one small fixed config (design.md pitfall 4).
 INTERPRET_CONFIG = _config(64, 64, 128, 4, 1, group_m=4)
+W8A16_INTERPRET_CONFIG = _config(64, 64, 64, 4, 1, group_m=4)
 DECODE_MAX_M = 64
+MIN_DECODE_TILE = 16  # narrowest wgmma N side: token counts 1..16 share one bucket
 
 
 def m_bucket(m: int) -> int:
-    """Autotune key for the token count: powers of two (1 ... 64 are the decode buckets), <= 8192."""
-    return min(triton.next_power_of_2(max(m, 1)), 8192)
+    """Autotune key for the token count: powers of two, decode sizes 1-16 in one bucket (they share
+    the 16-wide tile), then 32, 64 (decode) and 128 ... 8192 (prefill)."""
+    return min(max(triton.next_power_of_2(max(m, 1)), MIN_DECODE_TILE), 8192)
 
 
 def _prune_configs(configs, named_args, **kwargs):
     bucket = named_args["M_BUCKET"]
     if bucket <= DECODE_MAX_M:
-        return [c for c in configs if c in DECODE_CONFIGS and c.kwargs["BLOCK_N"] == max(16, bucket)]
-    return [c for c in configs if c in PREFILL_CONFIGS]
+        return [c for c in configs if c in DECODE_CONFIGS + W8A16_DECODE_CONFIGS and c.kwargs["BLOCK_N"] == bucket]
+    return [c for c in configs if c in PREFILL_CONFIGS + W8A16_PREFILL_CONFIGS]
 
 
+# Keyed on the token bucket and the weight's fixed shape (N_KEY, K) only: on the swapped decode path N is
+# the token count, and keying on it re-tuned every batch size (and tuning inside a CUDA-graph capture
+# breaks the capture). Per layer shape: 3 decode + ~7 prefill buckets, each tuned once.
+_KEY = ["M_BUCKET", "N_KEY", "K", "A_SCALE_ROWS", "A_SCALE_K", "B_SCALE_ROWS", "B_SCALE_K", "HAS_BIAS", "SPLIT_K"]
 _fp8_gemm_autotuned = triton.autotune(
-    configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "A_SCALE_ROWS", "A_SCALE_K", "B_SCALE_ROWS", "B_SCALE_K", "HAS_BIAS", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    configs=GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+)(_fp8_gemm_kernel)
+_w8a16_gemm_autotuned = triton.autotune(
+    configs=W8A16_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_configs},
 )(_fp8_gemm_kernel)
 
 
@@ -189,6 +226,11 @@ def split_k_for(m: int, n: int, k: int, num_sms: int) -> int:
     return split
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _operand(x, scale, layout):
     """(tensor, scale, stride_row, stride_k, SCALE_ROWS, SCALE_K) of one GEMM operand."""
     kind, scale_rows = layout
@@ -200,30 +242,34 @@ def _operand(x, scale, layout):
     return x, scale, scale.stride(0), scale.stride(1), scale_rows, True
 
 
-def _fp8_gemm_triton(a, b, a_scale, b_scale, a_layout, b_layout, out_dtype, bias, split_k=None):
+def _fp8_gemm_triton(a, b, a_scale, b_scale, a_layout, b_layout, out_dtype, bias, split_k=None,
+                     deterministic=False):
+    """a [M, K] e4m3 (or bf16/fp16/fp32 activations: W8A16, a_scale a ones [1]), b [N, K] e4m3."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=a.device)
     if max(a.numel(), b.numel(), m * n) >= 2**31:
         raise ValueError(f"fp8_gemm: a {tuple(a.shape)}, b {tuple(b.shape)}: operands need < 2^31 elements")
-    if split_k is None:
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
-        split_k = split_k_for(m, n, k, sms)
+    w8a16 = a.dtype != FP8_DTYPE
+    if deterministic:
+        split_k = 1
+    elif split_k is None:
+        split_k = split_k_for(m, n, k, _num_sms(a.device) if a.is_cuda else 1)
     if split_k > 1:
         c = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)  # partials
     else:
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     lhs, rhs = _operand(a, a_scale, a_layout), _operand(b, b_scale, b_layout)
     stride_cm, stride_cn = c.stride(-2), c.stride(-1)
-    swap = m <= DECODE_MAX_M
+    swap = m <= DECODE_MAX_M and not deterministic
     if swap:  # c.T [N, M] = b @ a.T
         lhs, rhs, stride_cm, stride_cn = rhs, lhs, stride_cn, stride_cm
     (x, xs, xs_row, xs_k, x_rows, x_k), (y, ys, ys_row, ys_k, y_rows, y_k) = lhs, rhs
     rows, cols = x.shape[0], y.shape[0]
     args = (
         x, y, c, xs, ys, bias if bias is not None else xs,
-        rows, cols, k, m_bucket(m),
+        rows, cols, k, m_bucket(m), n,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         c.stride(0) if split_k > 1 else 0, stride_cm, stride_cn,
         xs_row, xs_k, ys_row, ys_k,
@@ -232,16 +278,44 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, a_layout, b_layout, out_dtype, bias
         A_SCALE_ROWS=x_rows, A_SCALE_K=x_k, B_SCALE_ROWS=y_rows, B_SCALE_K=y_k,
         HAS_BIAS=bias is not None, BIAS_ALONG_M=swap, SPLIT_K=split_k,
     )
+    if w8a16:
+        meta.update(UPCAST=True, DOT_DTYPE=_dot_dtype(a.dtype))
 
     def grid(META):
         return (triton.cdiv(rows, META["BLOCK_M"]) * triton.cdiv(cols, META["BLOCK_N"]), split_k)
 
+    fixed = None
     if interpreting():
-        cfg = INTERPRET_CONFIG
-        _fp8_gemm_kernel[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps)
+        fixed = W8A16_INTERPRET_CONFIG if w8a16 else INTERPRET_CONFIG
+    elif deterministic:
+        fixed = W8A16_DETERMINISTIC_CONFIG if w8a16 else DETERMINISTIC_CONFIG
+    if fixed is not None:
+        _fp8_gemm_kernel[grid(fixed.kwargs)](*args, **meta, **fixed.kwargs, num_warps=fixed.num_warps,
+                                             num_stages=fixed.num_stages)
+    elif w8a16:
+        _w8a16_gemm_autotuned[grid](*args, **meta)
     else:
         _fp8_gemm_autotuned[grid](*args, **meta)
     return c.sum(0).to(out_dtype) if split_k > 1 else c
+
+
+def _dot_dtype(act_dtype: torch.dtype):
+    """W8A16 MMA input type: the activations' 16-bit type on the GPU (e4m3 -> bf16/fp16 is exact); fp32
+    in the interpreter (bf16 arithmetic is wrong there, design.md pitfall 1) and for fp32 models."""
+    if interpreting() or act_dtype == torch.float32:
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[act_dtype]
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A cached fp32 [1] of ones: the activation 'scale' of W8A16 (one allocation per device, not per call,
+    so CUDA-graph captures and steps launch nothing extra)."""
+    if device not in _ONES:
+        _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return _ONES[device]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -300,9 +374,50 @@ def fp8_gemm(
     b_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     bias: torch.Tensor | None = None,
+    *,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """c [M, N] = (a * a_scale) @ (b * b_scale).T (+ bias); see the module docstring."""
+    """c [M, N] = (a * a_scale) @ (b * b_scale).T (+ bias); see the module docstring.
+    deterministic (Triton): one tile config for every M, no swap, no split-K (batch-invariant rows)."""
     a_layout, b_layout = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
     if not use_triton(a):
         return fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
-    return _fp8_gemm_triton(a, b, a_scale.float(), b_scale.float(), a_layout, b_layout, out_dtype, bias)
+    return _fp8_gemm_triton(a, b, a_scale.float(), b_scale.float(), a_layout, b_layout, out_dtype, bias,
+                            deterministic=deterministic)
+
+
+def fp8_weight_only_gemm_reference(x, b, b_scale, bias=None) -> torch.Tensor:
+    """fp32 torch path of W8A16: the exactly dequantized weight, one fp32 matmul, out in x.dtype."""
+    c = x.float() @ dequantize_fp8(b, b_scale, SCALE_BLOCK).T
+    if bias is not None:
+        c = c + bias.float()
+    return c.to(x.dtype)
+
+
+@torch.inference_mode()
+def fp8_weight_only_gemm(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """W8A16: c [M, N] = x @ (b * b_scale).T (+ bias) in x.dtype; x [M, K] bf16/fp16/fp32 activations,
+    b [N, K] e4m3 with any b_scale layout of fp8_gemm. Triton dequantizes each weight tile in registers
+    inside the K loop (never the whole weight), so a decode step reads the weight once, as 1 byte."""
+    if x.dtype not in OUT_DTYPES:
+        raise ValueError(f"fp8_weight_only_gemm: x.dtype={x.dtype}; allowed: {OUT_DTYPES}")
+    if b.dtype != FP8_DTYPE or x.dim() != 2 or b.dim() != 2 or x.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_weight_only_gemm: need x [M, K] and an e4m3 b [N, K], got {tuple(x.shape)} "
+                         f"and {tuple(b.shape)} {b.dtype}")
+    n, k = b.shape
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fp8_weight_only_gemm: bias of shape {tuple(bias.shape)}, expected [{n}]")
+    b_layout = _scale_layout(b_scale, n, k, "b_scale")
+    if not use_triton(x):
+        return fp8_weight_only_gemm_reference(x, b, b_scale, bias)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _fp8_gemm_triton(x, b, _unit_scale(x.device), b_scale.float(), (PER_TENSOR, 1), b_layout, x.dtype, bias,
+                            deterministic=deterministic)

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.fp8 import FP8_DTYPE, round_to_e4m3
+from kernels.paged_attention import scale_tensor
 from kernels.quantize import round_to_e4m3_tl
 
 # ----------------------------------------------------------------------------------------------------
@@ -23,7 +24,7 @@ def write_kv_kernel(
     # caches [num_blocks, BLOCK_SIZE, KVH, D]
     k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
     slot_ptr,  # int64 [T]; negative = padding, skipped
-    k_scale, v_scale,  # fp32; only used for fp8 caches
+    k_scale_ptr, v_scale_ptr,  # fp32 [1] on the device; only read for fp8 caches
     KVH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_HD: tl.constexpr,
     FP8: tl.constexpr,
 ):
@@ -41,6 +42,8 @@ def write_kv_kernel(
     block_id = slot // BLOCK_SIZE
     cache_offs = block_id * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs_h * stride_ch + offs_d
     if FP8:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
         # round to the e4m3 grid in fp32 first (saturating, half to even): the cast of an on-grid value is
         # exact on the GPU and in the interpreter, which mis-rounds off-grid values (design.md pitfall 2)
         k = round_to_e4m3_tl(tl.math.div_rn(k, k_scale))
@@ -59,7 +62,7 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1
     write_kv_kernel[(t,)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        slot_mapping, float(k_scale), float(v_scale),
+        slot_mapping, scale_tensor(k_scale, k.device), scale_tensor(v_scale, k.device),
         KVH=kvh, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_HD=triton.next_power_of_2(kvh * d), FP8=fp8,
         num_warps=4,
     )
@@ -82,14 +85,16 @@ def write_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scal
     for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         rows = new[keep]  # [T', KVH, D]
         if cache.dtype == FP8_DTYPE:
-            rows = round_to_e4m3(rows.float() / float(scale))  # saturating, half to even (kernels/fp8.py)
+            scale = scale.float() if isinstance(scale, torch.Tensor) else float(scale)
+            rows = round_to_e4m3(rows.float() / scale)  # saturating, half to even (kernels/fp8.py)
         cache.view(num_blocks * block_size, kvh, d)[slots] = rows.to(cache.dtype)
 
 
 @torch.inference_mode()
 def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
     """Store k, v [T, KVH, D] into k_cache, v_cache [num_blocks, block_size, KVH, D] at slot_mapping [T]
-    (negative slots are skipped). FP8 caches get round-half-even(k / k_scale) saturated to +-448."""
+    (negative slots are skipped). FP8 caches get round-half-even(k / k_scale) saturated to +-448.
+    k_scale, v_scale: floats or fp32 [1] tensors on k's device (read by the kernel: no sync)."""
     _check(k, v, k_cache, v_cache, slot_mapping)
     if use_triton(k) and k.shape[0] > 0:
         return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

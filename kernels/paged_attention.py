@@ -16,25 +16,31 @@ import triton.language as tl
 from kernels.backend import interpreting, use_triton
 from kernels.fp8 import FP8_DTYPE
 
-LOG2E = 1.4426950408889634
-
-
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _upcast(x, DOT_DTYPE: tl.constexpr, VIA_F32: tl.constexpr):
+    """Cache tile -> the dot's input type. VIA_F32: e4m3 -> f32 -> bf16 (exact), for sm_89 under triton
+    3.6, which lowers e4m3 -> bf16 through a cvt.bf16.f16 that only sm_90 has."""
+    if VIA_F32:
+        x = x.to(tl.float32)
+    return x.to(DOT_DTYPE)
+
+
+@triton.jit
 def _attend_kv_tile(q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, valid, qk_scale, m_i, l_i, acc,
-                    DOT_DTYPE: tl.constexpr):
+                    DOT_DTYPE: tl.constexpr, VIA_F32: tl.constexpr):
     """One online-softmax step (exp2, fp32 running max/sum) of q [ROWS, D] over a K/V tile
     [BLOCK_N, D] gathered at kv_offs; `valid` [ROWS | 1, BLOCK_N] masks scores. Shared by decode and prefill."""
-    k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+    k = _upcast(tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0), DOT_DTYPE, VIA_F32)
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [ROWS, BLOCK_N], log2 units
     qk = tl.where(valid, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+    v = _upcast(tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0), DOT_DTYPE, VIA_F32)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
     return m_new, l_i, acc
 
@@ -49,21 +55,27 @@ def paged_attention_decode_kernel(
     # caches [num_blocks, BLOCK_SIZE, KVH, D] (D contiguous), block tables [B, max_blocks], seq_lens [B]
     k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
     block_tables_ptr, stride_btb, seq_lens_ptr,
-    # qk_scale = softmax scale * k_scale * log2(e); tokens per split
-    qk_scale, v_scale, partition,
+    # softmax scale; fp32 [1] KV-cache scales on the device (read here, so a CUDA graph sees updates)
+    sm_scale, k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    KV_STAGES: tl.constexpr,
+    KV_STAGES: tl.constexpr, MIN_PARTITION: tl.constexpr, VIA_F32: tl.constexpr = False,
 ):
     """One program per (sequence, KV head, split): the GROUP query heads sharing the KV head are the
     rows of one tile, so each K/V token is loaded once for the whole group (rows padded to BLOCK_G >= 16
-    for tl.dot). Online softmax in fp32 with exp2 over the split's tokens."""
+    for tl.dot). Online softmax in fp32 with exp2 over the split's tokens. Each sequence divides its own
+    length among the splits (whole BLOCK_N tiles, at least MIN_PARTITION tokens each; later splits may
+    be empty), so no host-side bound on the lengths is baked into the launch (CUDA graphs)."""
     pid_b = tl.program_id(0)
     pid_kvh = tl.program_id(1)
     pid_s = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + pid_b)
+    partition = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N, MIN_PARTITION)
     start = pid_s * partition
     end = tl.minimum(start + partition, seq_len)
+    k_scale = tl.load(k_scale_ptr)
+    v_scale = tl.load(v_scale_ptr)
+    qk_scale = sm_scale * k_scale * 1.4426950408889634  # log2(e): exp2 softmax
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -88,7 +100,7 @@ def paged_attention_decode_kernel(
                    + pid_kvh * stride_ch + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
         kv_mask = mask_n[:, None] & mask_d[None, :]
         m_i, l_i, acc = _attend_kv_tile(q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, mask_n[None, :], qk_scale,
-                                        m_i, l_i, acc, DOT_DTYPE)
+                                        m_i, l_i, acc, DOT_DTYPE, VIA_F32)
 
     # an empty split (start >= seq_len) leaves l_i = 0 and acc = 0: write zeros and lse = -inf
     out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
@@ -134,10 +146,10 @@ def paged_attention_prefill_kernel(
     # caches [num_blocks, BLOCK_SIZE, KVH, D] (D contiguous), block tables [B, max_blocks], seq_lens [B]
     k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
     block_tables_ptr, stride_btb, seq_lens_ptr,
-    qk_scale, v_scale,  # qk_scale = softmax scale * k_scale * log2(e)
+    sm_scale, k_scale_ptr, v_scale_ptr,  # softmax scale; fp32 [1] KV-cache scales on the device
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    KV_STAGES: tl.constexpr,
+    KV_STAGES: tl.constexpr, VIA_F32: tl.constexpr = False,
 ):
     """One program per (sequence, tile of BLOCK_T new tokens, KV head). The tile's rows are the
     (token, query head of the group) pairs, BLOCK_M >= BLOCK_T * GROUP, so each K/V token is loaded once
@@ -152,6 +164,8 @@ def paged_attention_prefill_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + pid_b)
     ctx_len = seq_len - n_new  # tokens cached before this chunk
+    v_scale = tl.load(v_scale_ptr)
+    qk_scale = sm_scale * tl.load(k_scale_ptr) * 1.4426950408889634  # log2(e): exp2 softmax
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_i = pid_m * BLOCK_T + offs_r // GROUP  # [BLOCK_M] new-token index of each row
@@ -179,9 +193,9 @@ def paged_attention_prefill_kernel(
         # causal: tile 0 always holds position 0 <= q_pos, so every row's running max is finite from then on
         causal = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]  # [BLOCK_M, BLOCK_N]
         m_i, l_i, acc = _attend_kv_tile(q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, causal, qk_scale,
-                                        m_i, l_i, acc, DOT_DTYPE)
+                                        m_i, l_i, acc, DOT_DTYPE, VIA_F32)
 
-    out = acc * (v_scale / l_i)[:, None]
+    out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]  # a padding sequence (no tokens): zeros
     o_offs = (q_start + offs_i)[:, None] * stride_ot + (pid_kvh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -195,7 +209,7 @@ def _gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, scale: float) -> to
     blocks = cache.index_select(0, ids.flatten())  # [n, bs, KVH, D]; faster than cache[ids] on CPU
     blocks = blocks.view(*ids.shape[:-1], ids.shape[-1] * cache.shape[1], *cache.shape[2:])
     if cache.dtype == FP8_DTYPE:
-        return blocks.float() * float(scale)
+        return blocks.float() * (scale.float() if isinstance(scale, torch.Tensor) else float(scale))
     return blocks.float()
 
 
@@ -252,8 +266,12 @@ DECODE_BLOCK_N = 64
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 NUM_WARPS = 4
-KV_STAGES = 3  # K/V tiles in flight (tl.range pipelining; the plain loop was not pipelined)
-MIN_PARTITION = 256  # fewest tokens per split worth a reduce step
+# Software-pipelining depth of the K/V loop. The block ids of a tile are loaded a stage before its K/V
+# (their addresses depend on them), so K/V get num_stages - 3 buffers: 5 stages keep two K/V tiles in
+# flight (cp.async into 2 x [64, D] buffers each; 3 or 4 stages gave one). tests/test_aot_attention.py
+# checks the buffers in the compiled kernel's shared-memory allocations.
+KV_STAGES = 5
+MIN_PARTITION = 256  # fewest tokens per split worth a reduce step (a multiple of DECODE_BLOCK_N)
 MAX_SPLITS = 64
 
 
@@ -270,9 +288,27 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+@functools.cache
+def _upcast_via_f32(device: torch.device, cache_dtype: torch.dtype) -> bool:
+    """e4m3 caches on pre-Hopper GPUs upcast through fp32 (see _upcast)."""
+    return (cache_dtype == FP8_DTYPE and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) < (9, 0))
+
+
+def scale_tensor(scale, device: torch.device) -> torch.Tensor:
+    """A KV-cache scale as the fp32 [1] device tensor the kernels read: a tensor is used as it is (no copy,
+    no sync: the model keeps its scales on the device, and a CUDA graph then sees later updates); a float
+    becomes a one-element fill (a kernel launch, never a host-to-device copy)."""
+    if isinstance(scale, torch.Tensor):
+        assert scale.numel() == 1 and scale.dtype == torch.float32 and scale.device == device, (
+            f"KV scale {tuple(scale.shape)} {scale.dtype} on {scale.device}: want fp32 [1] on {device}")
+        return scale.reshape(1)
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+
+
 def decode_num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Split-KV (flash-decoding) only when (sequence, KV head) programs cannot fill the GPU: aim at two
-    programs per SM, each split holding at least MIN_PARTITION tokens."""
+    programs per SM, each split holding at least MIN_PARTITION tokens of the longest sequence."""
     want = triton.cdiv(2 * _num_sms(device), batch * kv_heads)
     return max(1, min(want, triton.cdiv(max_seq_len, MIN_PARTITION), MAX_SPLITS))
 
@@ -286,8 +322,8 @@ def _check_triton(q, k_cache, block_tables, seq_lens):
 
 def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=1.0, v_scale=1.0,
                                   max_seq_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """max_seq_len: a host-side bound on seq_lens (no device sync; default: the block table's capacity);
-    num_splits: override the split-KV heuristic (tests)."""
+    """max_seq_len: a host-side bound on seq_lens that caps the split count (no device sync; default: the
+    block table's capacity); num_splits: override the split-KV heuristic (tests)."""
     _check_triton(q, k_cache, block_tables, seq_lens)
     assert k_cache.stride() == v_cache.stride(), f"k_cache {k_cache.stride()} != v_cache {v_cache.stride()}"
     b, h, d = q.shape
@@ -297,9 +333,6 @@ def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, s
         max_seq_len = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = decode_num_splits(b, kvh, max_seq_len, q.device)
-    # tokens per split, a multiple of the tile
-    partition = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
-    num_splits = triton.cdiv(max(max_seq_len, 1), partition)
     out = torch.empty_like(q)
     if num_splits > 1:
         partial = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
@@ -314,10 +347,11 @@ def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, s
         lse, *lse_strides,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables, block_tables.stride(0), seq_lens,
-        float(scale) * float(k_scale) * LOG2E, float(v_scale), partition,
+        float(scale), scale_tensor(k_scale, q.device), scale_tensor(v_scale, q.device),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         BLOCK_N=DECODE_BLOCK_N, SPLIT=num_splits > 1, DOT_DTYPE=_dot_dtype(q), **meta,
-        KV_STAGES=KV_STAGES, num_warps=NUM_WARPS,
+        KV_STAGES=KV_STAGES, MIN_PARTITION=MIN_PARTITION, VIA_F32=_upcast_via_f32(q.device, k_cache.dtype),
+        num_warps=NUM_WARPS, num_stages=KV_STAGES,
     )
     if num_splits > 1:
         paged_attention_reduce_kernel[(b, h)](
@@ -350,10 +384,11 @@ def paged_attention_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens
         cu_seqlens_q,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables, block_tables.stride(0), seq_lens,
-        float(scale) * float(k_scale) * LOG2E, float(v_scale),
+        float(scale), scale_tensor(k_scale, q.device), scale_tensor(v_scale, q.device),
         GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=block_size,
         BLOCK_T=block_t, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, DOT_DTYPE=_dot_dtype(q),
-        KV_STAGES=KV_STAGES, num_warps=NUM_WARPS,
+        KV_STAGES=KV_STAGES, VIA_F32=_upcast_via_f32(q.device, k_cache.dtype), num_warps=NUM_WARPS,
+        num_stages=KV_STAGES,
     )
     return out
 

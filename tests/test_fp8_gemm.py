@@ -21,9 +21,14 @@ from kernels.gemm import (
     DECODE_CONFIGS,
     GEMM_CONFIGS,
     PREFILL_CONFIGS,
+    W8A16_CONFIGS,
+    W8A16_DECODE_CONFIGS,
+    W8A16_PREFILL_CONFIGS,
     _prune_configs,
     fp8_gemm,
     fp8_gemm_reference,
+    fp8_weight_only_gemm,
+    fp8_weight_only_gemm_reference,
     m_bucket,
     split_k_for,
 )
@@ -130,11 +135,39 @@ def test_argument_errors():
 
 
 def test_autotune_buckets_and_split_k():
-    assert [m_bucket(m) for m in (1, 2, 3, 5, 16, 17, 64, 65, 300, 10**5)] == [1, 2, 4, 8, 16, 32, 64, 128, 512, 8192]
+    # decode sizes 1..16 share the 16-wide tile, hence one bucket: 3 decode buckets per weight shape
+    assert [m_bucket(m) for m in (1, 2, 3, 5, 16, 17, 64, 65, 300, 10**5)] == [16, 16, 16, 16, 16, 32, 64, 128, 512, 8192]
+    assert len({m_bucket(m) for m in range(1, 65)}) == 3
     for m in (1, 3, 16, 33, 64):  # decode: swapped tiles whose narrow side covers the tokens
         kept = _prune_configs(GEMM_CONFIGS, {"M_BUCKET": m_bucket(m)})
         assert kept and all(c in DECODE_CONFIGS and c.kwargs["BLOCK_N"] >= m for c in kept)
+        kept = _prune_configs(W8A16_CONFIGS, {"M_BUCKET": m_bucket(m)})
+        assert len(kept) == 1 and kept[0] in W8A16_DECODE_CONFIGS  # one config: nothing to benchmark
     assert _prune_configs(GEMM_CONFIGS, {"M_BUCKET": 128}) == PREFILL_CONFIGS
+    assert _prune_configs(W8A16_CONFIGS, {"M_BUCKET": 4096}) == W8A16_PREFILL_CONFIGS
+
+
+def test_autotune_key_is_the_bucket_and_the_weight_shape():
+    """The swapped decode GEMM passes the token count as the kernel's N: the key must not contain it
+    (it re-tuned every batch size 1..64, and a tuning run inside a CUDA-graph capture breaks it)."""
+    from kernels import gemm
+
+    for tuner in (gemm._fp8_gemm_autotuned, gemm._w8a16_gemm_autotuned):
+        assert "N" not in tuner.keys and "M" not in tuner.keys, tuner.keys
+        assert {"M_BUCKET", "N_KEY", "K"} <= set(tuner.keys)
+    unspecialized = {p.name for p in gemm._fp8_gemm_kernel.params if p.do_not_specialize}
+    assert {"M", "N", "M_BUCKET", "N_KEY"} <= unspecialized  # no new compile per token count
+
+
+def test_weight_only_reference():
+    torch.manual_seed(5)
+    x, w, bias = torch.randn(7, 300), torch.randn(90, 300), torch.randn(90)
+    for gran in ("channel", "tensor", "block"):
+        b, b_scale = quantize_weight(w, gran)
+        c = fp8_weight_only_gemm(x, b, b_scale, bias)  # CPU: the reference
+        torch.testing.assert_close(c, x @ dequantize_fp8(b, b_scale).T + bias, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="e4m3"):
+        fp8_weight_only_gemm(x, w, b_scale)
     # Llama-3.3-70B TP=8 qkv (N=1280, K=8192) on 132 SMs: 20 tiles -> split K 4 ways; TP=1 gate_up: none
     assert split_k_for(1, 1280, 8192, 132) == 4
     assert split_k_for(1, 57344, 8192, 132) == 1
@@ -177,6 +210,44 @@ def interp_split_k(act, weight, split_k):
     assert_close_gemm(c, a, b, a_scale, b_scale, bias, torch.bfloat16)
 
 
+@SETTINGS
+@given(
+    m=st.integers(1, 200),
+    n=st.integers(1, 200),
+    k=st.integers(32, 300),
+    weight=st.sampled_from(WEIGHT),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def interp_weight_only_matches_reference(m, n, k, weight, has_bias, seed):
+    """W8A16 (fp32 activations in the interpreter): exact products, fp32 sums as the GEMM tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    _, b, _, b_scale, bias = operands(m, n, k, "token", weight, seed)
+    bias = bias if has_bias else None
+    c = fp8_weight_only_gemm(x, b, b_scale, bias)  # Triton (interpreted)
+    ref = fp8_weight_only_gemm_reference(x, b, b_scale, bias)
+    mag = x.abs() @ dequantize_fp8(b, b_scale).abs().T
+    tol = 2 * (k + 4) * 2.0**-24 * mag * 1.01 + 2.0**-24 + (2.0**-23 * bias.abs() if has_bias else 0)
+    assert c.dtype == x.dtype and ((c - ref).abs() <= tol).all()
+
+
+def interp_deterministic_rows_do_not_depend_on_the_batch():
+    """deterministic=True: a row computed in a batch equals the same row computed alone (one config, no
+    swap, no split-K); also for W8A16. Bit for bit where the row keeps its place in the 64-row tile: the
+    interpreter's tl.dot is numpy's BLAS, whose rounding varies with a row's position in the tile (1 ulp);
+    the GPU's MMA does not, and tests/test_fp8_gemm.py::test_gpu_deterministic_* checks any slice there."""
+    a, b, a_scale, b_scale, bias = operands(70, 150, 256, "token", "channel", seed=9)
+    full = fp8_gemm(a, b, a_scale, b_scale, torch.float32, bias, deterministic=True)
+    for rows in (slice(0, 1), slice(0, 5), slice(64, 70)):
+        part = fp8_gemm(a[rows], b, a_scale[rows], b_scale, torch.float32, bias, deterministic=True)
+        assert torch.equal(part, full[rows])
+    assert_close_gemm(full, a, b, a_scale, b_scale, bias, torch.float32)
+    x = torch.randn(70, 256)
+    full = fp8_weight_only_gemm(x, b, b_scale, deterministic=True)
+    assert torch.equal(fp8_weight_only_gemm(x[64:66], b, b_scale, deterministic=True), full[64:66])
+
+
 def interp_edge_values():
     """Saturated and subnormal operands, all-zero rows, exact +-448 products, tiny shapes."""
     x = torch.tensor([[448.0, -448.0, 500.0, -1e5, 2.0**-9, 2.0**-10, 3 * 2.0**-11, 0.0] * 4,
@@ -210,6 +281,32 @@ def test_gpu_gemm_matches_reference(m, act, weight):
     bias = bias.bfloat16()
     c = fp8_gemm(a.cuda(), b.cuda(), a_scale.cuda(), b_scale.cuda(), torch.bfloat16, bias.cuda())
     assert_close_gemm(c, a, b, a_scale, b_scale, bias, torch.bfloat16, mma_rel=2.0**-11)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("weight", WEIGHT)
+def test_gpu_weight_only_matches_reference(m, weight):
+    """W8A16 on the GPU: bf16 products are exact and the 16-bit MMA accumulates in fp32; bf16 output."""
+    _, b, _, b_scale, bias = operands(m, 1000, 1100, "token", weight)
+    x = torch.randn(m, 1100).bfloat16()
+    bias = bias.bfloat16()
+    c = fp8_weight_only_gemm(x.cuda(), b.cuda(), b_scale.cuda(), bias.cuda()).float().cpu()
+    ref = fp8_weight_only_gemm_reference(x.float(), b, b_scale, bias.float())
+    mag = x.float().abs() @ dequantize_fp8(b, b_scale).abs().T
+    tol = 2 * (1100 + 4) * 2.0**-24 * mag + 2.0**-7 * ref.abs() + 2.0**-20
+    assert ((c - ref).abs() <= tol).all(), ((c - ref).abs() / tol).max()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_deterministic_rows_do_not_depend_on_the_batch():
+    a, b, a_scale, b_scale, bias = operands(300, 1000, 1100, "token", "channel")
+    a, b, a_scale, b_scale = a.cuda(), b.cuda(), a_scale.cuda(), b_scale.cuda()
+    full = fp8_gemm(a, b, a_scale, b_scale, torch.bfloat16, deterministic=True)
+    for rows in (slice(0, 1), slice(7, 23), slice(100, 300)):
+        assert torch.equal(fp8_gemm(a[rows], b, a_scale[rows], b_scale, torch.bfloat16, deterministic=True), full[rows])
 
 
 @pytest.mark.gpu

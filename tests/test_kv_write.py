@@ -106,6 +106,7 @@ def test_triton_matches_reference(t, kvh, d, block_size, dtypes, seed):
         assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_gpu_matches_reference(cache_dtype):

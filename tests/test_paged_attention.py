@@ -182,6 +182,7 @@ def test_triton_prefill_skips_sequences_without_new_tokens():
                                **_tolerance(torch.float32))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
 @pytest.mark.parametrize("batch,seq_len", [(1, 4097), (8, 1000), (64, 300)])

@@ -75,6 +75,7 @@ class Linear(nn.Module):
         self.weight_fp8: torch.Tensor | None = None
         self.weight_scale: torch.Tensor | None = None
         self.input_scale: torch.Tensor | None = None  # static activation scale (fp8-tensor checkpoints)
+        self.deterministic = False  # Triton: one GEMM config for every batch size (LLM(deterministic=True))
 
     @property
     def weight_granularity(self) -> str | None:
@@ -119,15 +120,16 @@ class Linear(nn.Module):
             if act is not None:
                 x = fake_quantize_fp8(x, act, scale=act_scale)
             return nn.functional.linear(x, self.weight, self.bias)
-        from kernels import fp8_gemm, quantize_fp8
-        from kernels.fp8 import dequantize_fp8
+        from kernels import fp8_gemm, fp8_weight_only_gemm, quantize_fp8
 
-        if act is None:  # weight-only: dequantize on the fly (a fused W8A16 kernel is future work)
-            w = dequantize_fp8(self.weight_fp8, self.weight_scale).to(x.dtype)
-            return nn.functional.linear(x, w, self.bias)
         x2 = x.reshape(-1, self.in_features)
-        xq, xs = quantize_fp8(x2, act, scale=act_scale)
-        out = fp8_gemm(xq, self.weight_fp8, xs, self.weight_scale, out_dtype=x.dtype, bias=self.bias)
+        if act is None:  # weight-only: W8A16 kernel, each weight tile dequantized in registers
+            out = fp8_weight_only_gemm(x2, self.weight_fp8, self.weight_scale, self.bias,
+                                       deterministic=self.deterministic)
+        else:
+            xq, xs = quantize_fp8(x2, act, scale=act_scale)
+            out = fp8_gemm(xq, self.weight_fp8, xs, self.weight_scale, out_dtype=x.dtype, bias=self.bias,
+                           deterministic=self.deterministic)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
