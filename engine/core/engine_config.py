@@ -24,9 +24,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
-    kv_cache_memory_bytes: int | None = None  # CPU budget; default 1 GiB
-    gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory after loading
+    kv_cache_memory_bytes: int | None = None  # KV budget; default: 1 GiB on CPU, the memory plan on CUDA
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of the GPU's memory this engine may use
     tensor_parallel_size: int = 1  # ranks sharing the model (engine/core/workers.py); KV budget is per rank
+    deterministic: bool = False  # batch-invariant kernels (fixed GEMM config, no split-K / split-KV)
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (vLLM's name)
+    max_graph_batch_size: int = 256  # largest decode batch captured in a CUDA graph
 
     def __post_init__(self) -> None:
         if self.quantization is None:
@@ -45,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if self.max_graph_batch_size < 1:
+            raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

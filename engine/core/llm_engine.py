@@ -19,6 +19,8 @@ from engine.core.kv_calibration import CALIBRATION_TOKENS, calibrate_kv_scales, 
 from engine.model.linear import QuantConfig
 from engine.checkpoints.loader import build_model
 from engine.checkpoints.source import read_hf_config, resolve_model
+from engine.core.cuda_graphs import CudaGraphRunner
+from engine.core.memory_plan import MemoryPlan
 from engine.core.model_runner import ModelRunner
 from engine.core.workers import ParallelModelRunner, WorkerGroup
 from engine.model.parallel import check_tensor_parallel
@@ -70,20 +72,26 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
 
         cfg = self.model_config
+        self.model.set_deterministic(config.deterministic)
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
-        budget = self._kv_budget_bytes()  # before allocating: on CUDA it reads free memory
-        num_kv_heads = self.model.num_kv_heads  # this rank's (tensor parallelism splits the cache by heads)
-        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.kv_dtype)
-        num_blocks = max(1, budget // (per_token * config.block_size))
-        self.kv_capacity_tokens = num_blocks * config.block_size
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
-                                 self.kv_capacity_tokens)
         self.kv_scale_source = None
         if self.kv_dtype == torch.float8_e4m3fn:
             ids = self.tokenizer.encode(calibration_text())[:CALIBRATION_TOKENS]
             with self._all_ranks("calibrate_kv", ids, config.block_size):
                 calibrate_kv_scales(self.model, ids, config.block_size)
             self.kv_scale_source = f"calibrated on {len(ids)} tokens"
+        num_kv_heads = self.model.num_kv_heads  # this rank's (tensor parallelism splits the cache by heads)
+        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.kv_dtype)
+        self.memory_plan: MemoryPlan | None = None
+        if self.device.type == "cuda" and self.workers is None:
+            self.memory_plan = self._measure_memory(per_token)  # before allocating: reads free memory
+            budget = config.kv_cache_memory_bytes or self.memory_plan.kv_bytes
+        else:  # CPU, or tensor-parallel ranks (a profiling forward would need every rank)
+            budget = self._kv_budget_bytes()
+        num_blocks = max(1, budget // (per_token * config.block_size))
+        self.kv_capacity_tokens = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
+                                 self.kv_capacity_tokens)
         with self._all_ranks("allocate_kv", num_blocks, self.kv_dtype):
             kv_caches = allocate_kv_caches(cfg.num_layers, num_blocks, config.block_size, num_kv_heads, cfg.head_dim,
                                            self.kv_dtype, self.device)
@@ -94,6 +102,11 @@ class LLMEngine:
             self.runner = ParallelModelRunner(self.model, kv_caches, config.block_size, self.device, self.workers)
         else:
             self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager and self.workers is None:
+            self.runner.graphs = CudaGraphRunner(self.model, kv_caches, config.block_size, self.max_model_len,
+                                                 config.max_num_seqs, self.device,
+                                                 max_bucket=config.max_graph_batch_size)
+            self.runner.graphs.capture()
         self.sampler = Sampler(seed=config.seed)
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
@@ -106,6 +119,8 @@ class LLMEngine:
                     config.model, config.quantization, self.dtype, self.load_seconds, self.kv_dtype, num_blocks,
                     config.block_size, self.kv_capacity_tokens, self.kv_capacity_by_dtype,
                     f"; FP8 KV scales {self.kv_scale_source}" if self.kv_scale_source else "")
+        if self.memory_plan is not None:
+            logger.info("%s", self.memory_plan.table())
 
     def _all_ranks(self, name: str, *args):
         """Context in which rank 0 does its part of a start-up step while the workers run Worker.<name>(*args)
@@ -130,10 +145,47 @@ class LLMEngine:
             self.workers.shutdown()
 
     def _kv_budget_bytes(self) -> int:
+        """KV bytes without a measured plan: the CPU budget, or (tensor-parallel CUDA ranks) a share of
+        the free memory after emptying torch's cache."""
+        if self.config.kv_cache_memory_bytes:
+            return self.config.kv_cache_memory_bytes
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * self.config.gpu_memory_utilization)
-        return self.config.kv_cache_memory_bytes or _CPU_KV_BUDGET
+        return _CPU_KV_BUDGET
+
+    def _measure_memory(self, kv_per_token: int) -> MemoryPlan:
+        """CUDA: weights as allocated, the activation peak of a warm-up forward of max_num_batched_tokens
+        tokens (as vLLM profiles), and what the device reports after torch's cache is emptied (the
+        quantization temporaries of loading are returned first)."""
+        cfg, config, dev = self.model_config, self.config, self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        weights = torch.cuda.memory_allocated(dev)
+        tokens = max(config.max_num_batched_tokens, config.block_size)
+        num_blocks = -(-tokens // config.block_size)
+        caches = allocate_kv_caches(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
+                                    self.kv_dtype, dev)
+        cache_bytes = torch.cuda.memory_allocated(dev) - weights
+        seq = Sequence("memory-profile", 0, [0] * tokens, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(num_blocks))
+        ModelRunner(self.model, caches, config.block_size, dev).run([ScheduledSeq(seq, tokens)])
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - weights - cache_bytes
+        # the sampler's full-vocabulary fp32 temporaries for a batch of max_num_seqs rows
+        peak += config.max_num_seqs * cfg.vocab_size * 4 * 4
+        del caches
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        graphs = 0 if config.enforce_eager else 256 << 20
+        return MemoryPlan(gpu_bytes=total, utilization=config.gpu_memory_utilization, weight_bytes=weights,
+                          activation_bytes=peak, reserved_bytes=(total - free) - weights + graphs,
+                          kv_bytes_per_token=kv_per_token, block_size=config.block_size,
+                          max_model_len=min(config.max_model_len or cfg.max_position_embeddings,
+                                            cfg.max_position_embeddings),
+                          measured=True)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -21,6 +21,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     max_query_len: int  # 1 -> every sequence decodes one token: the decode kernel runs
     logits_indices: torch.Tensor  # [N] int64, rows of the batch whose logits are computed
+    max_seq_len: int | None = None  # host-side bound on seq_lens (no device sync in the decode launcher)
 
     @property
     def is_decode(self) -> bool:

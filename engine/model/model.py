@@ -12,7 +12,7 @@ from torch import nn
 import kernels
 from engine.model.attention_metadata import AttentionMetadata
 from engine.model.config import ModelConfig, rope_inv_freq
-from engine.model.linear import QuantConfig
+from engine.model.linear import Linear, QuantConfig
 from engine.model.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TensorParallel,
                                    VocabParallelEmbedding, attention_shard, split_evenly)
 
@@ -67,10 +67,43 @@ class Attention(nn.Module):
                                              name=f"{prefix}.qkv_proj", tp=tp)
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias, quant=quant,
                                         name=f"{prefix}.o_proj", tp=tp)
-        # Per-layer FP8 KV-cache scales (1.0 unless the checkpoint or a calibration pass sets them).
-        self.k_scale = 1.0
-        self.v_scale = 1.0
+        # Per-layer FP8 KV-cache scales (1.0 unless the checkpoint or a calibration pass sets them): floats
+        # here, mirrored in a device tensor that the kernels read (no sync, and CUDA graphs see updates).
+        self._kv_scales = (1.0, 1.0)
+        self._kv_scale_tensor: torch.Tensor | None = None  # fp32 [2] on the cache's device
         self.kv_observer = None  # callable(k, v) during KV-scale calibration (engine/core/kv_calibration.py)
+        self.deterministic = False  # every token through the prefill kernel, no split-KV (batch invariant)
+
+    @property
+    def k_scale(self) -> float:
+        return self._kv_scales[0]
+
+    @k_scale.setter
+    def k_scale(self, value: float) -> None:
+        self._set_kv_scales(float(value), self._kv_scales[1])
+
+    @property
+    def v_scale(self) -> float:
+        return self._kv_scales[1]
+
+    @v_scale.setter
+    def v_scale(self, value: float) -> None:
+        self._set_kv_scales(self._kv_scales[0], float(value))
+
+    def _set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        self._kv_scales = (k_scale, v_scale)
+        if self._kv_scale_tensor is not None:  # in place (a fill kernel, no sync): captured graphs read it
+            self._kv_scale_tensor[0].fill_(k_scale)
+            self._kv_scale_tensor[1].fill_(v_scale)
+
+    def kv_scale_args(self, device: torch.device) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """(k_scale, v_scale) for the kernels: floats on the CPU, fp32 [1] device views on a GPU."""
+        if device.type == "cpu":
+            return self._kv_scales
+        t = self._kv_scale_tensor
+        if t is None or t.device != device:
+            t = self._kv_scale_tensor = torch.tensor(self._kv_scales, dtype=torch.float32, device=device)
+        return t[0:1], t[1:2]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
@@ -82,14 +115,17 @@ class Attention(nn.Module):
         if self.kv_observer is not None:
             self.kv_observer(k, v)
         k_cache, v_cache = kv_cache
-        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        if meta.is_decode:
+        k_scale, v_scale = self.kv_scale_args(k_cache.device)
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        if meta.is_decode and not self.deterministic:
             out = kernels.paged_attention_decode(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, self.k_scale, self.v_scale
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, k_scale, v_scale,
+                max_seq_len=meta.max_seq_len,
             )
-        else:
+        else:  # deterministic: decode tokens too, so a token's arithmetic never depends on its batch
             out = kernels.paged_attention_prefill(
-                q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale, self.k_scale, self.v_scale
+                q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale, k_scale, v_scale,
+                max_query_len=meta.max_query_len,
             )
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -144,6 +180,13 @@ class LlamaModel(nn.Module):
     def num_kv_heads(self) -> int:
         """KV heads in this rank's cache."""
         return self.layers[0].self_attn.num_kv_heads
+
+    def set_deterministic(self, deterministic: bool) -> None:
+        """Batch-invariant kernels (LLM(deterministic=True)): one GEMM config for every M, no split-K,
+        attention of every token through the prefill kernel (no split-KV)."""
+        for m in self.modules():
+            if isinstance(m, (Linear, Attention)):
+                m.deterministic = deterministic
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:

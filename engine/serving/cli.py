@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the model over N processes (N GPUs on CUDA; gloo on CPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode without CUDA graphs")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant kernels: a seeded request gives the same tokens whatever runs beside it")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -32,7 +35,8 @@ def _make_llm(args):
     from engine.llm import LLM
 
     return LLM(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
-               max_model_len=args.max_model_len, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+               max_model_len=args.max_model_len, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+               enforce_eager=args.enforce_eager, deterministic=args.deterministic)
 
 
 def _params(args):
@@ -108,6 +112,32 @@ def cmd_serve(args) -> int:
     return run_server(args)
 
 
+def cmd_plan(args) -> int:
+    import torch
+
+    from engine.checkpoints.fp8 import detect
+    from engine.checkpoints.source import read_hf_config, resolve_model
+    from engine.core.memory_plan import plan_memory
+    from engine.model.config import ModelConfig
+    from engine.model.linear import QuantConfig
+
+    source = resolve_model(args.model)
+    hf = read_hf_config(source)
+    cfg = ModelConfig.from_hf_dict(hf)
+    quant = QuantConfig(args.quantization)
+    spec = detect(hf, cfg) if source.kind == "hf" else None
+    if spec is not None:  # a pre-quantized checkpoint decides its own scheme
+        quant = spec.quant_config(quant)
+    dtype = getattr(torch, args.dtype)
+    plan = plan_memory(cfg, quant, gpu_bytes=int(args.gpu_memory_gb * 1e9), utilization=args.gpu_memory_utilization,
+                       dtype=dtype, kv_dtype=torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len)
+    print(f"{args.model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {quant.scheme}, KV {args.kv_cache_dtype}")
+    print(plan.table())
+    return 0
+
+
 BENCHMARKS = ("generate", "throughput", "serve", "gemm", "attention", "sampler", "accuracy")
 
 
@@ -142,8 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="an optional system message")
     p.set_defaults(func=cmd_chat)
 
-    from engine.serving.protocol import API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M
-    from engine.serving.limits import add_limit_args
+    try:  # the wire protocol needs pydantic, which some machines lack (the GPU image): only serve needs it
+        from engine.serving.limits import add_limit_args
+        from engine.serving.protocol import API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M
+    except ImportError:
+        API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M = "FP8_TURBO_API_KEY", None, None
+        add_limit_args = None
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, metrics)")
     _add_model_args(p)
@@ -155,8 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="USD per million prompt tokens, for usage.estimated_cost")
     p.add_argument("--price-output", type=float, default=DEFAULT_PRICE_OUTPUT_PER_M,
                    help="USD per million generated tokens, for usage.estimated_cost")
-    add_limit_args(p)
+    if add_limit_args is not None:
+        add_limit_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("plan", help="memory plan: weights, activation peak, KV tokens, concurrent sequences")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir (config.json is enough), .gguf or model id")
+    p.add_argument("--quantization", default="fp8", choices=QUANT_SCHEMES)
+    p.add_argument("--kv-cache-dtype", default="fp8", choices=("auto", "fp8"))
+    p.add_argument("--gpu-memory-gb", type=float, default=141.0, help="the GPU's memory (default: H200, 141)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.set_defaults(func=cmd_plan)
 
     from engine.serving.cli_quant import add_commands  # quantize, eval
 

@@ -553,7 +553,9 @@ def run_server(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     config = EngineConfig(model=args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                           device=args.device, max_model_len=args.max_model_len, seed=args.seed,
-                          tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+                          tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                          enforce_eager=getattr(args, "enforce_eager", False),
+                          deterministic=getattr(args, "deterministic", False))
     engine = LLMEngine(config)
     name = args.served_model_name or args.model
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

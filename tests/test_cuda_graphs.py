@@ -1,0 +1,102 @@
+"""Decode CUDA graphs, the parts that need no GPU: bucket choice, padding, the packed input buffer, and
+the graph runner's bookkeeping run eagerly on the CPU (capture=False) against the plain step. The
+capture and replay themselves are checked on a GPU by scripts/gpu_check.py (graphs vs eager)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.core.cuda_graphs import CudaGraphRunner, bucket_for, graph_buckets
+from engine.core.model_runner import HostStep, pack_step, step_layout, unpack_step
+from model_factory import make_checkpoint
+
+
+def test_buckets():
+    assert graph_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_buckets(256)[8:] == [64, 96, 128, 160, 192, 224, 256]
+    assert graph_buckets(300) == graph_buckets(256)  # capped at max_bucket
+    assert graph_buckets(5) == [1, 2, 4, 5] and graph_buckets(1) == [1]
+    assert graph_buckets(100)[-2:] == [96, 100]
+    buckets = graph_buckets(64)
+    assert [bucket_for(n, buckets) for n in (1, 3, 8, 9, 17, 64, 65)] == [1, 4, 8, 16, 24, 64, None]
+
+
+def _host(n):
+    return HostStep(input_ids=list(range(10, 10 + n)), positions=[5 + i for i in range(n)],
+                    slot_mapping=[100 + i for i in range(n)], logits_indices=list(range(n)),
+                    block_tables=[[i, i + 1][: 1 + i % 2] for i in range(n)], seq_lens=[6 + i for i in range(n)],
+                    cu_seqlens_q=list(range(n + 1)), max_query_len=1, max_seq_len=5 + n, prompt_rows=[])
+
+
+def test_padding_writes_nothing_and_reads_nothing():
+    host = _host(3)
+    host.pad_decode(8)
+    assert host.input_ids[3:] == [0] * 5 and host.positions[3:] == [0] * 5
+    assert host.slot_mapping[3:] == [-1] * 5  # write_kv skips negative slots
+    assert host.seq_lens[3:] == [0] * 5  # attention over no tokens: zeros
+    assert host.cu_seqlens_q == list(range(9)) and host.logits_indices == list(range(8))
+    with pytest.raises(AssertionError):
+        _host(9).pad_decode(8)
+
+
+def test_pack_round_trip():
+    host = _host(5)
+    layout = step_layout(5, 5, 5, 4)
+    for name, (offset, dtype, _) in layout.items():
+        assert offset % 8 == 0 or dtype == torch.int32 or name == "_nbytes", (name, offset)
+    buf = pack_step(host, 4, pin=False)
+    assert buf.numel() == layout["_nbytes"][0]
+    ids, meta = unpack_step(buf, host, 4)
+    assert ids.tolist() == host.input_ids and ids.dtype == torch.int64
+    assert meta.positions.tolist() == host.positions and meta.slot_mapping.tolist() == host.slot_mapping
+    assert meta.block_tables.dtype == torch.int32 and meta.block_tables.shape == (5, 4)
+    assert meta.block_tables[1].tolist() == [1, 2, 0, 0]
+    assert meta.seq_lens.tolist() == host.seq_lens and meta.cu_seqlens_q.tolist() == host.cu_seqlens_q
+    assert meta.max_seq_len == host.max_seq_len and meta.is_decode
+    # a larger static buffer (the graph runner's) holds the same views at the same offsets
+    big = torch.zeros(buf.numel() + 100, dtype=torch.uint8)
+    big[:buf.numel()] = buf
+    ids2, meta2 = unpack_step(big, host, 4)
+    assert torch.equal(ids2, ids) and torch.equal(meta2.block_tables, meta.block_tables)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("graphs"), "llama31", layers=2)
+
+
+def test_graph_runner_bookkeeping_matches_eager_steps(tiny):
+    """Greedy decode of 5 prompts (buckets 8, padding 3) through the graph runner's static buffers, run
+    eagerly on the CPU, gives the tokens of the plain step."""
+    prompts = [{"prompt_token_ids": list(range(3 + i, 40 + 7 * i))} for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(str(tiny), device="cpu", quantization="fp8", max_model_len=256)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    engine = llm.engine
+    graphs = CudaGraphRunner(engine.model, engine.runner.kv_caches, engine.config.block_size, engine.max_model_len,
+                             max_num_seqs=16, device=torch.device("cpu"), capture=False)
+    graphs.capture()  # warm-up of every bucket on the static buffers (nothing captured on the CPU)
+    assert graphs.buckets == [1, 2, 4, 8, 16] and not graphs.graphs
+    assert graphs.max_blocks == 256 // engine.config.block_size
+    calls = []
+    run = graphs.run
+    graphs.run = lambda host: calls.append(len(host.seq_lens)) or run(host)
+    engine.runner.graphs = graphs
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    assert calls and set(calls) <= {5, 4, 3, 2, 1}  # decode steps went through the graph runner
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_engine_options(tiny):
+    llm = LLM(str(tiny), device="cpu", quantization="fp8", deterministic=True, enforce_eager=True)
+    assert llm.engine.runner.graphs is None  # no graphs on the CPU anyway
+    assert all(m.deterministic for m in llm.engine.model.modules() if hasattr(m, "deterministic"))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    a = llm.generate([{"prompt_token_ids": list(range(3, 30))}], params)[0].outputs[0].token_ids
+    b = llm.generate([{"prompt_token_ids": list(range(3, 30))}, {"prompt_token_ids": list(range(50, 61))}],
+                     params)[0].outputs[0].token_ids
+    assert a == b
+    with pytest.raises(ValueError, match="max_graph_batch_size"):
+        LLM(str(tiny), device="cpu", max_graph_batch_size=0)
