@@ -36,6 +36,7 @@ if not GPU:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import time_ms  # noqa: E402
 from engine.core.kv_cache import kv_bytes_per_token  # noqa: E402
+from kernels.backend import interpreting  # noqa: E402
 from kernels.paged_attention import (  # noqa: E402
     paged_attention_decode_reference,
     paged_attention_decode_triton,
@@ -75,15 +76,15 @@ def gather_sdpa(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=1.0,
 
 def make_case(batch, context, kv_dtype, device, heads, kv_heads, head_dim):
     """q and a cache holding `batch` sequences of `context` tokens in shuffled blocks."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # on the device: a 1M-token cache is 1G values
     nb = -(-context // BLOCK_SIZE)
-    tables = torch.randperm(batch * nb, generator=g).view(batch, nb).int()
+    tables = torch.randperm(batch * nb, generator=g, device=device).view(batch, nb).int()
     shape = (batch * nb, BLOCK_SIZE, kv_heads, head_dim)
     scale = 1 / 16 if kv_dtype == torch.float8_e4m3fn else 1.0
-    caches = [(torch.randn(shape, generator=g) / scale).to(kv_dtype).to(device) for _ in range(2)]
-    q = torch.randn(batch, heads, head_dim, generator=g).to(torch.bfloat16 if GPU else torch.float32).to(device)
+    caches = [(torch.randn(shape, generator=g, device=device) / scale).to(kv_dtype) for _ in range(2)]
+    q = torch.randn(batch, heads, head_dim, generator=g, device=device).to(torch.bfloat16 if GPU else torch.float32)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    return (q, *caches, tables.to(device), lens, head_dim ** -0.5, scale, scale)
+    return (q, *caches, tables, lens, head_dim ** -0.5, scale, scale)
 
 
 def bench(batches, contexts, kv_names, heads, kv_heads, head_dim):
@@ -98,9 +99,12 @@ def bench(batches, contexts, kv_names, heads, kv_heads, head_dim):
                 q = args[0]
                 nbytes = (2 * batch * context * kv_heads * head_dim * KV_DTYPES[kv].itemsize
                           + 2 * q.numel() * q.element_size())
-                impls = {OURS: partial(paged_attention_decode_triton, *args, max_seq_len=context),
+                # without a GPU or the interpreter (scripts/gpu_check.py --dry-run): the CPU path stands in
+                ours = paged_attention_decode_triton if GPU or interpreting() else paged_attention_decode_reference
+                impls = {OURS: partial(ours, *args, max_seq_len=context) if ours is paged_attention_decode_triton
+                         else partial(ours, *args),
                          PEER: partial(gather_sdpa, *args)}
-                if not GPU:
+                if not GPU and interpreting():
                     impls[CPU_PATH] = partial(paged_attention_decode_reference, *args)
                 for impl, fn in impls.items():
                     ms = time_ms(fn, GPU)

@@ -12,6 +12,7 @@ JIT would see at run time (16-byte aligned pointers and strides, unit K strides)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import re
 
@@ -28,13 +29,17 @@ H100_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on H100 (228 KB p
 MAX_SPILL_BYTES = 256  # a few spilled registers are tolerable; more means the tile is too big
 ARCHS = {90: "sm_90a", 89: "sm_89"}
 GEMM_INTS = [
-    "M", "N", "K", "M_BUCKET", "stride_am", "stride_ak", "stride_bn", "stride_bk",
+    "M", "N", "K", "M_BUCKET", "N_KEY", "stride_am", "stride_ak", "stride_bn", "stride_bk",
     "stride_cs", "stride_cm", "stride_cn", "stride_asm", "stride_ask", "stride_bsn", "stride_bsk",
 ]
 
 
 def _compile(fn, signature: dict, constexprs: dict, aligned: list[str], num_warps: int, num_stages: int, arch: int):
     """triton.compile for cuda:arch; returns (kernel, ptxas log)."""
+    constexprs = dict(constexprs)
+    for param in inspect.signature(fn.fn).parameters.values():  # defaulted constexprs (UPCAST, DOT_DTYPE)
+        if param.default is not inspect.Parameter.empty and param.name not in constexprs:
+            constexprs[param.name] = param.default
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}

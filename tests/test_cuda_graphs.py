@@ -14,7 +14,7 @@ from model_factory import make_checkpoint
 
 def test_buckets():
     assert graph_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
-    assert graph_buckets(256)[8:] == [64, 96, 128, 160, 192, 224, 256]
+    assert graph_buckets(256)[10:] == [64, 96, 128, 160, 192, 224, 256]
     assert graph_buckets(300) == graph_buckets(256)  # capped at max_bucket
     assert graph_buckets(5) == [1, 2, 4, 5] and graph_buckets(1) == [1]
     assert graph_buckets(100)[-2:] == [96, 100]
@@ -100,3 +100,12 @@ def test_engine_options(tiny):
     assert a == b
     with pytest.raises(ValueError, match="max_graph_batch_size"):
         LLM(str(tiny), device="cpu", max_graph_batch_size=0)
+
+
+def test_cli_flags():
+    from engine.serving.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--enforce-eager", "--deterministic"])
+    assert args.enforce_eager and args.deterministic
+    args = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert not args.enforce_eager and not args.deterministic

@@ -190,10 +190,11 @@ def _detect_compressed_tensors(qc: dict, cfg: ModelConfig) -> Fp8Checkpoint:
 class Fp8Loader:
     """Sits between the checkpoint stream and `load_weights`.
 
-    `filter()` keeps the scale tensors and passes every weight on; an e4m3 weight goes on upcast to
-    float (exact: e4m3 values are exact in fp32, bf16 and fp16), so `load_weights` fuses and
-    shape-checks it like any other. `install()` then turns each fused parameter back into e4m3 and
-    gives its Linear the fused scale.
+    `filter()` keeps the scale tensors and passes every weight on as stored: an e4m3 weight stays e4m3,
+    and `load_weights` fuses and shape-checks it into a parameter allocated in e4m3 on the device when
+    its first shard arrives (1 byte per weight, never the model in high precision: the peak is the FP8
+    weights plus the tensor in flight). A layer kept in high precision receives the e4m3 values upcast
+    (exact in fp32, bf16 and fp16). `install()` then gives each Linear its fused scale.
     """
 
     def __init__(self, spec: Fp8Checkpoint, cfg: ModelConfig):
@@ -210,7 +211,7 @@ class Fp8Loader:
                 continue
             elif leaf == "weight" and tensor.dtype == FP8_DTYPE:
                 self.fp8_modules.add(module)
-                yield name, tensor.float()
+                yield name, tensor
             else:
                 yield name, tensor
 
@@ -239,10 +240,10 @@ class Fp8Loader:
             scale = fuse_scales([self.scales[(s, leaf)] for s in shards], rows, m.in_features)
         except ValueError as e:
             raise Fp8CheckpointError(f"{m.name}: {e}") from e
-        if not torch.isfinite(q).all() or not torch.isfinite(scale).all() or (scale <= 0).any():
+        if _has_nan(q) or not torch.isfinite(scale).all() or (scale <= 0).any():
             raise Fp8CheckpointError(f"{m.name}: NaN/Inf in the F8_E4M3 weight or a non-positive/non-finite {leaf}")
         if m.scheme == "none":  # kept in high precision (user ignore): dequantize exactly
-            m.weight.data.copy_(dequantize_fp8(q.float(), scale).to(q.dtype))
+            m.weight.data.copy_(dequantize_fp8(q.float(), scale.to(q.device)).to(q.dtype))
             return
         m.set_fp8_weight(q.to(FP8_DTYPE), scale.to(q.device))
         if self.spec.static_input:
@@ -250,6 +251,14 @@ class Fp8Loader:
             if any(s is None for s in inputs):
                 raise Fp8CheckpointError(f"{m.name}: static activation scheme but no input_scale for {shards}")
             m.input_scale = torch.stack([s.reshape(()) for s in inputs]).max().reshape(1).to(q.device)
+
+
+def _has_nan(q: torch.Tensor) -> bool:
+    """NaN in an e4m3 weight (e4m3fn has no inf; NaN is S.1111.111), or NaN/inf in an upcast one, checked
+    without a high-precision copy of the whole weight."""
+    if q.dtype == FP8_DTYPE:
+        return bool(((q.view(torch.uint8) & 0x7F) == 0x7F).any())
+    return not bool(torch.isfinite(q).all())
 
 
 def fuse_scales(scales: list[torch.Tensor], rows: list[int], cols: int) -> torch.Tensor:

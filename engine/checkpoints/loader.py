@@ -18,6 +18,7 @@ from engine.model.config import ModelConfig
 from engine.model.linear import Linear, QuantConfig
 from engine.model.model import LlamaModel, RotaryEmbedding
 from engine.model.parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel, shard_selector
+from kernels.fp8 import FP8_DTYPE
 
 # HF name suffix -> (fused parameter suffix, shard index); shards are stacked along dim 0.
 _FUSED = {
@@ -52,7 +53,10 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]],
         param = params[target]
         if param.is_meta:
             owner, _, leaf = target.rpartition(".")
-            param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+            # a quantized Linear of a pre-quantized checkpoint keeps the stored e4m3 (1 byte per weight)
+            fp8 = tensor.dtype == FP8_DTYPE and isinstance(modules[owner], Linear) and modules[owner].scheme != "none"
+            dtype = FP8_DTYPE if fp8 else param.dtype
+            param = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
             setattr(modules[owner], leaf, param)
             params[target] = param
         owner = modules[target.rpartition(".")[0]]
@@ -110,11 +114,11 @@ def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, devic
     check_tensor_parallel(cfg, tp.size, quant.scheme)
     with torch.device("meta"):
         model = LlamaModel(cfg, quant, tp).to(dtype)
-    # Allocate everything now except the weights of Linears we quantize ourselves: those arrive one at a
-    # time in load_weights and are quantized as soon as they are complete.
-    stream = fp8_spec is None
+    # Allocate everything now except the weights of quantized Linears: those arrive one at a time in
+    # load_weights, allocated on their first shard, and are quantized as soon as they are complete (ours)
+    # or stay as stored, in e4m3 (a pre-quantized checkpoint's).
     for m in model.modules():
-        deferred = stream and isinstance(m, Linear) and m.scheme != "none"
+        deferred = isinstance(m, Linear) and m.scheme != "none"
         if not deferred:
             m.to_empty(device=device, recurse=False)
         elif m.bias is not None:

@@ -111,12 +111,11 @@ class CudaGraphRunner:
                     self.capture_seconds)
 
     def _dummy(self, bucket: int) -> HostStep:
-        """A decode step of `bucket` sequences of length 1 that writes nothing (slot -1)."""
-        host = HostStep(input_ids=[0] * bucket, positions=[0] * bucket, slot_mapping=[-1] * bucket,
-                        logits_indices=list(range(bucket)), block_tables=[[0]] * bucket, seq_lens=[1] * bucket,
+        """A decode step of `bucket` padding sequences: writes no KV (slot -1), attends to nothing."""
+        return HostStep(input_ids=[0] * bucket, positions=[0] * bucket, slot_mapping=[-1] * bucket,
+                        logits_indices=list(range(bucket)), block_tables=[[]] * bucket, seq_lens=[0] * bucket,
                         cu_seqlens_q=list(range(bucket + 1)), max_query_len=1, max_seq_len=self.max_model_len,
                         prompt_rows=[])
-        return host
 
     @torch.inference_mode()
     def run(self, host: HostStep) -> torch.Tensor:
