@@ -109,3 +109,26 @@ def test_cli_flags():
     assert args.enforce_eager and args.deterministic
     args = build_parser().parse_args(["generate", "--prompt", "x"])
     assert not args.enforce_eager and not args.deterministic
+
+
+def test_which_steps_replay():
+    """Graphs take pure decode steps within the largest bucket and the captured length; anything else
+    (prefill chunks, prompt logprobs, long sequences, big batches) runs eagerly."""
+    from engine.core.scheduler import ScheduledSeq
+    from engine.core.sequence import Sequence
+
+    graphs = CudaGraphRunner(None, [], 16, max_model_len=64, max_num_seqs=8, device=torch.device("cpu"), capture=False)
+
+    def decoding(n_tokens, **params):
+        seq = Sequence("r", 0, list(range(3, 3 + n_tokens)), SamplingParams(**params))
+        seq.num_computed_tokens = n_tokens - 1
+        seq.block_table = list(range(-(-n_tokens // 16)))
+        return ScheduledSeq(seq, 1)
+
+    assert graphs.can_run([decoding(10), decoding(64)])
+    assert not graphs.can_run([decoding(10), decoding(65)])  # past max_seq_len_to_capture
+    assert not graphs.can_run([decoding(10)] * 9)  # past the largest bucket
+    assert not graphs.can_run([decoding(10, prompt_logprobs=1)])
+    chunk = decoding(10)
+    chunk.seq.num_computed_tokens = 0
+    assert not graphs.can_run([ScheduledSeq(chunk.seq, 10)])  # a prefill

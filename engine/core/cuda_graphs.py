@@ -9,6 +9,10 @@ only the first n logits rows are returned. Block tables are padded to the model'
 decode attention sizes its split-KV partitions per sequence inside the kernel, so one graph serves every
 sequence length. KV-cache scales are device tensors the kernels read, so a graph sees their values.
 
+Graphs cover sequences up to `max_seq_len_to_capture` tokens (vLLM's name; 8192 by default): the block
+tables of a bucket are [bucket, that / block_size] and travel with every step, so covering a 128k
+context would copy 32 KB per sequence each step; longer sequences run eagerly.
+
 Capture happens once at start-up, after the KV cache is allocated: each bucket first runs eagerly on the
 static buffers (GEMM autotuning for its token bucket, Triton compiles; tuning inside a capture would
 break it), then is captured, largest first, into one shared memory pool.
@@ -66,9 +70,12 @@ class CudaGraphRunner:
 
     # ---- bookkeeping (no GPU needed) ----------------------------------------------------------------
     def can_run(self, batch: list[ScheduledSeq]) -> bool:
-        """Pure decode (one token per sequence, each sampled, no prompt logprobs) within the largest bucket."""
+        """Pure decode (one token per sequence, each sampled, no prompt logprobs) within the largest bucket
+        and the captured length (longer sequences run eagerly, as vLLM's max_seq_len_to_capture)."""
         return (len(batch) <= self.buckets[-1]
-                and all(i.num_new_tokens == 1 and i.completes and not i.seq.wants_prompt_logprobs() for i in batch))
+                and all(i.num_new_tokens == 1 and i.completes and not i.seq.wants_prompt_logprobs()
+                        and i.seq.num_computed_tokens < self.max_model_len
+                        and len(i.seq.block_table) <= self.max_blocks for i in batch))
 
     def padded(self, host: HostStep) -> tuple[int, HostStep]:
         """(bucket, the step padded to it), the step's sequence lengths bounded by the model's maximum."""

@@ -30,6 +30,7 @@ class EngineConfig:
     deterministic: bool = False  # batch-invariant kernels (fixed GEMM config, no split-K / split-KV)
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (vLLM's name)
     max_graph_batch_size: int = 256  # largest decode batch captured in a CUDA graph
+    max_seq_len_to_capture: int = 8192  # longer sequences decode eagerly (vLLM's name)
 
     def __post_init__(self) -> None:
         if self.quantization is None:

@@ -103,7 +103,8 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
         if self.device.type == "cuda" and not config.enforce_eager and self.workers is None:
-            self.runner.graphs = CudaGraphRunner(self.model, kv_caches, config.block_size, self.max_model_len,
+            self.runner.graphs = CudaGraphRunner(self.model, kv_caches, config.block_size,
+                                                 min(self.max_model_len, config.max_seq_len_to_capture),
                                                  config.max_num_seqs, self.device,
                                                  max_bucket=config.max_graph_batch_size)
             self.runner.graphs.capture()

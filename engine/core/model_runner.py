@@ -9,6 +9,7 @@ replay a captured CUDA graph when a `CudaGraphRunner` is attached (engine/core/c
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +92,18 @@ def pack_step(host: HostStep, max_blocks: int, pin: bool) -> torch.Tensor:
     for name, (offset, dtype, shape) in layout.items():
         if name == "_nbytes":
             continue
-        if name == "block_tables":
-            rows = [t + [0] * (max_blocks - len(t)) for t in host.block_tables]
-            values = torch.tensor(rows, dtype=dtype).reshape(shape) if rows else torch.empty(shape, dtype=dtype)
+        n = 1
+        for d in shape:
+            n *= d
+        view = buf[offset:offset + n * dtype.itemsize].view(dtype).view(shape)
+        if name == "block_tables":  # rows padded with 0, without building padded Python lists
+            view.zero_()
+            lens = torch.tensor([len(t) for t in host.block_tables], dtype=torch.int64)
+            if int(lens.sum()):
+                filled = torch.arange(max_blocks)[None, :] < lens[:, None]
+                view[filled] = torch.tensor(list(itertools.chain.from_iterable(host.block_tables)), dtype=dtype)
         else:
-            values = torch.tensor(getattr(host, name), dtype=dtype)
-        view = buf[offset:offset + values.numel() * dtype.itemsize].view(dtype).view(shape)
-        view.copy_(values)
+            view.copy_(torch.tensor(getattr(host, name), dtype=dtype))
     return buf
 
 
