@@ -22,6 +22,11 @@ fails or raises is recorded and the next one runs:
   bench_gemm, bench_attention, bench_decode_step
                bench/gemm.py, bench/attention.py, bench/decode_step.py (eager vs graphs, scaled to 80
                layers; deterministic cost) with grids sized to the tier
+Compile plan (each Triton variant compiles once, ~1-2 s on the GPU host; triton's disk cache shares
+them between the parts' processes; autotuning benchmarks only the configs its prune leaves, 1-3 per
+token bucket): pytest ~110 variants (12 scale layouts x 7 GEMM configs, W8A16, quantize, KV write,
+attention) in the full tier, ~15 in the quick one; kernels_70b ~20 more (no bias, as the engine runs);
+the decode step, graphs and benchmarks reuse those. Expected: full ~7 min, quick ~3 min.
 A time budget guards the whole run: a part that cannot finish in what is left is skipped (recorded),
 subprocesses get the remaining time as their timeout. Writes DIR/gpu_check.json (every result and the
 benchmark rows), DIR/gpu_check.md (the tables, for bench/GPU.md) and DIR/gpu_check.log (this output).
@@ -253,8 +258,10 @@ class Check:
             tables[i, :nb] = perm[at:at + nb]
             at += nb
         shape = (num_blocks, BLOCK, kv_heads, HEAD_DIM)
-        k_cache = torch.empty(shape, dtype=kv_dtype, device=dev)
-        v_cache = torch.empty(shape, dtype=kv_dtype, device=dev)
+        # zeros: the reference gathers padding entries of the block tables too (block 0), and NaN garbage
+        # there would reach its output through 0 * NaN
+        k_cache = torch.zeros(shape, dtype=kv_dtype, device=dev)
+        v_cache = torch.zeros(shape, dtype=kv_dtype, device=dev)
         scale = 1 / 16 if kv_dtype == torch.float8_e4m3fn else 1.0
         for cache in (k_cache, v_cache):  # fill only the blocks in use (the cache may be huge)
             region = cache[block_offset:block_offset + used]
@@ -437,7 +444,7 @@ class Check:
                 if key.endswith("_md"):
                     lines += ["", f"### {p.name}", "", value.strip()]
         (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-        print("\n" + "\n".join(lines[:8 + len(self.parts)]))
+        print("\n" + "\n".join(lines[:8 + len(self.parts) + (len(fails[:50]) + 2 if fails else 0)]))
         print(f"\n{len(ran) - len(failed)} of {len(ran)} parts passed, {len(self.parts) - len(ran)} skipped, "
               f"{total:.0f}s; wrote {out}/gpu_check.json, gpu_check.md, gpu_check.log", flush=True)
         return 1 if failed else 0
