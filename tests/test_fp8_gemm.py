@@ -210,10 +210,10 @@ def interp_split_k(act, weight, split_k):
     assert_close_gemm(c, a, b, a_scale, b_scale, bias, torch.bfloat16)
 
 
-@SETTINGS
+@settings(max_examples=6, deadline=None, derandomize=True, database=None)
 @given(
-    m=st.integers(1, 200),
-    n=st.integers(1, 200),
+    m=st.integers(1, 100),
+    n=st.integers(1, 130),
     k=st.integers(32, 300),
     weight=st.sampled_from(WEIGHT),
     has_bias=st.booleans(),
