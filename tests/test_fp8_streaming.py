@@ -68,8 +68,8 @@ def test_fp8_checkpoint_peak_is_fp8_weights_plus_one_layer(tmp_path, monkeypatch
             super().__init__(*a, **k)
             built.append(self)
 
-    def measured(source):
-        for item in iter_checkpoint_tensors(source):
+    def measured(source, select=None):
+        for item in iter_checkpoint_tensors(source, select):
             if built:
                 samples.append(resident_bytes(built[0]))
             yield item
