@@ -190,6 +190,7 @@ class Worker:
         cfg = ModelConfig.from_hf_dict(read_hf_config(source))
         quant = QuantConfig(config.quantization, config.quantization_ignore)
         self.model = build_model(source, cfg, quant, device, config.torch_dtype(device), tp)
+        self.model.set_deterministic(config.deterministic)  # as rank 0's engine does
         self.kv_caches: list = []
 
     # ---- calls (each one run by every rank together; see LLMEngine) ----------------------------
