@@ -138,7 +138,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-BENCHMARKS = ("generate", "throughput", "serve", "gemm", "attention", "sampler", "accuracy")
+BENCHMARKS = ("generate", "throughput", "serve", "gemm", "attention", "sampler", "accuracy", "tp")
 
 
 def cmd_bench(args) -> int:
