@@ -50,7 +50,7 @@ from engine.model.parallel import TensorParallel
 
 logger = logging.getLogger("fp8_turbo")
 
-HEADER = 8  # kind, payload length, T, B, logits rows, max blocks, max query len, (spare)
+HEADER = 8  # kind, payload length, T, B, logits rows, max blocks, max query len, max sequence len
 CAPACITY = 4096  # int64 of the fixed message buffer: a decode step of dozens of sequences fits inline
 STEP, CALL, SHUTDOWN = 1, 2, 3
 CONTROL_TIMEOUT = datetime.timedelta(days=365)  # workers wait for rank 0's next message for as long as it takes
@@ -74,18 +74,19 @@ def pack_step(host: HostStep) -> tuple[list[int], torch.Tensor]:
     tables = [b for t in host.block_tables for b in t + [0] * (max_blocks - len(t))]
     payload = torch.tensor(host.input_ids + host.positions + host.slot_mapping + host.logits_indices + host.seq_lens
                            + host.cu_seqlens_q + tables, dtype=torch.int64)
-    fields = [len(host.input_ids), len(host.seq_lens), len(host.logits_indices), max_blocks, host.max_query_len]
+    fields = [len(host.input_ids), len(host.seq_lens), len(host.logits_indices), max_blocks, host.max_query_len,
+              host.max_seq_len]
     return fields, payload
 
 
 def unpack_step(fields: list[int], payload: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, AttentionMetadata]:
     """Input ids and AttentionMetadata on `device` from a step message (one copy to the device)."""
-    t, b, n, max_blocks, max_query_len = fields[:5]
+    t, b, n, max_blocks, max_query_len, max_seq_len = fields[:6]
     payload = payload.to(device, non_blocking=True)
     ids, pos, slots, logits, lens, cu, tables = payload.split([t, t, t, n, b, b + 1, b * max_blocks])
     meta = AttentionMetadata(positions=pos, slot_mapping=slots, block_tables=tables.view(b, max_blocks).int(),
                              seq_lens=lens.int(), cu_seqlens_q=cu.int(), max_query_len=max_query_len,
-                             logits_indices=logits)
+                             logits_indices=logits, max_seq_len=max_seq_len)
     return ids, meta
 
 
