@@ -8,7 +8,8 @@
     paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, ...)
 
 Dispatch (kernels/backend.py): CUDA tensors run Triton; CPU tensors run the torch reference, or
-Triton in the interpreter when TRITON_INTERPRET=1 is set before triton is imported.
+Triton in the interpreter when TRITON_INTERPRET=1 is set before triton is imported. fp8_gemm on CPU
+runs our C++ kernel (kernels/cpu/) when it is built; kernels.cpu also holds the fused CPU linear layers.
 """
 from kernels.gemm import fp8_gemm, fp8_weight_only_gemm
 from kernels.kv_write import write_kv

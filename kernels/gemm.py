@@ -21,8 +21,10 @@ capturing CUDA graphs. W8A16 (weight-only) runs the same kernel with the e4m3 we
 activations' 16-bit type in registers. Deterministic mode fixes one tile config for every M (no swap, no
 split-K), so a row's result does not depend on the batch. Offsets are 32-bit: every operand stays below 2^31 elements.
 
-CPU reference (the production path on CPU): fp8 -> fp32 is exact, then one fp32 matmul with the
-per-tensor/row/channel scales applied to the output, or on dequantized operands for block scales.
+CPU tensors run our C++ kernel (kernels/cpu/gemm.py: e4m3 decoded in registers, fixed-order fp32
+accumulation, batch-invariant) when it is built, else the torch reference below, which stays the
+reference in tests: fp8 -> fp32 is exact, then one fp32 matmul with the per-tensor/row/channel scales
+applied to the output, or on dequantized operands for block scales.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import cpu as cpu_kernels
 from kernels.backend import interpreting, use_triton
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8
 
@@ -381,6 +384,8 @@ def fp8_gemm(
     deterministic (Triton): one tile config for every M, no swap, no split-K (batch-invariant rows)."""
     a_layout, b_layout = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
     if not use_triton(a):
+        if cpu_kernels.available():  # our C++ kernel (kernels/cpu), batch-invariant
+            return cpu_kernels.fp8_gemm(a, b, a_scale, b_scale, out_dtype, bias)
         return fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
     return _fp8_gemm_triton(a, b, a_scale.float(), b_scale.float(), a_layout, b_layout, out_dtype, bias,
                             deterministic=deterministic)

@@ -1,0 +1,23 @@
+"""`python -m kernels.cpu --build`: compile the CPU kernels now (scripts/setup_env.sh does this), so
+the first engine start or test does not wait for the compiler."""
+import argparse
+import logging
+import sys
+
+from kernels.cpu import gemm
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--build", action="store_true", help="build (or find) the extensions and report")
+    p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if not gemm.available():
+        print("CPU kernels: not available (see the warning above); the torch reference path will be used")
+        return 0  # not an error: the engine falls back
+    print(f"CPU kernels: built; instruction sets {', '.join(gemm.supported_isas())} (running {gemm.ISAS[gemm.selected_isa()]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Build and load the CPU kernels' C++ extensions, once per process (torch.utils.cpp_extension).
+
+Each extension is cached under <repo>/build/cpu_ext/<name>-<hash>/, the hash covering its sources and
+headers, the compiler flags and the torch and Python versions. A cached build is imported directly
+(no compiler or ninja needed); otherwise it is compiled there (`python -m kernels.cpu --build` does it
+ahead of time, scripts/setup_env.sh calls that). Concurrent first loads (pytest-xdist workers)
+serialize on an flock, which the kernel releases even when a builder dies. A failed build logs one
+warning and `load` returns None: the callers then run the torch reference.
+
+FP8_TURBO_CPU_KERNELS=0 turns the extensions off (torch reference everywhere).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SRC_DIR = Path(__file__).resolve().parent
+BUILD_ROOT = SRC_DIR.parents[1] / "build" / "cpu_ext"
+# -ffp-contract=off: no multiply-add is fused unless the source says so (results must not depend on
+# the compiler's choice); -fopenmp: at::parallel_for runs on torch's OpenMP threads. No -march: the
+# kernels pick their instruction set at run time.
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+LDFLAGS = ["-fopenmp"]
+
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("FP8_TURBO_CPU_KERNELS", "1") not in ("0", "")
+
+
+def build_dir(name: str, files: list[str]) -> Path:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.encode() + b"\0" + (SRC_DIR / f).read_bytes())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {sysconfig.get_platform()}".encode())
+    return BUILD_ROOT / f"{name}-{h.hexdigest()[:16]}"
+
+
+def _import(name: str, so: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(name: str, sources: list[str], directory: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    stale = directory / "lock"  # cpp_extension's own baton, left behind if a builder was killed
+    stale.unlink(missing_ok=True)
+    # ninja from pip lives beside this interpreter, which need not be on PATH (.venv/bin/python ...)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=[str(SRC_DIR / s) for s in sources],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            build_directory=str(directory),
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = path
+
+
+def load(name: str, sources: list[str], headers: list[str] = ()) -> ModuleType | None:
+    """The extension module `name` built from `sources` (+ `headers`) in this directory, or None when it
+    is turned off or cannot be built (one warning per process)."""
+    if name in _loaded:
+        return _loaded[name]
+    module = None
+    if enabled():
+        directory = build_dir(name, list(sources) + list(headers))
+        so = directory / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+        plain_so = directory / f"{name}.so"  # what cpp_extension writes
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                built = next((p for p in (plain_so, so) if p.exists()), None)
+                module = _import(name, built) if built else _compile(name, list(sources), directory)
+        except Exception as err:  # noqa: BLE001 -- any build failure means: use the torch path
+            msg = str(err).strip().splitlines()
+            log.warning("CPU kernels %s unavailable (%s: %s); using the torch reference path",
+                        name, type(err).__name__, " | ".join(msg[-3:])[:500])
+            module = None
+    _loaded[name] = module
+    return module
