@@ -82,6 +82,19 @@ def test_fp8_gemm_matches_reference(m, n, k, act, weight, has_bias, out_dtype, s
     assert_within(c, ref, tolerance(dequantize_fp8(a, a_scale), dequantize_fp8(b, b_scale), ref, bias, out_dtype))
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 70])  # every small-M kernel, and the panel path
+@pytest.mark.parametrize("act, weight", [(a, w) for a in ACT for w in WEIGHT])
+def test_every_layout_and_path(m, act, weight):
+    """Each scale layout through each kernel shape (ragged N > 128 and K > 128: several scale blocks)."""
+    g = torch.Generator().manual_seed(m)
+    a, a_scale = quantize_fp8(activations(m, 300, g), act)
+    b, b_scale = weights(201, 300, weight, g)
+    bias = torch.randn(201, generator=g)
+    c = fp8_gemm(a, b, a_scale, b_scale, torch.float32, bias)
+    ref = fp8_gemm_reference(a, b, a_scale, b_scale, torch.float32, bias)
+    assert_within(c, ref, tolerance(dequantize_fp8(a, a_scale), dequantize_fp8(b, b_scale), ref, bias, torch.float32))
+
+
 @SETTINGS
 @given(
     m=st.integers(1, 300), n=st.integers(1, 200), k=st.integers(1, 400),

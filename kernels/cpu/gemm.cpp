@@ -4,7 +4,7 @@
 // the Python API and its guarantees are documented in kernels/cpu/gemm.py.
 //
 // This file: argument handling, activation preparation and runtime ISA dispatch. The kernels are
-// compiled three times from gemm_kernel.h: portable C++, AVX2+FMA+F16C, AVX-512F.
+// compiled three times from gemm_kernel.h: portable C++, AVX2+FMA+F16C, AVX-512 (F+VL: 32 registers).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
@@ -19,11 +19,17 @@
 #include <memory>
 #include <vector>
 
+// Every helper used by the per-ISA kernels is force-inlined: an out-of-line call from AVX code into
+// code compiled for baseline x86-64 (legacy SSE encoding) while ymm registers are live costs ~1000
+// cycles per call on some CPUs (measured 3.4x on a Zen 3 VM).
+#define FP8T_INLINE inline __attribute__((always_inline))
+
 namespace fp8t {
 
 constexpr int64_t SCALE_BLOCK = 128;  // K (and N) extent of one block / group scale
 constexpr float E4M3_MAX = 448.0f;
 constexpr float MIN_AMAX = 1e-12f;
+constexpr int64_t GEMV_MAX_M = 4;  // up to this many rows: weight decoded in registers, read once
 
 enum WType { W_E4M3 = 0, W_BF16 = 1, W_F32 = 2 };
 enum ScaleKind { S_NONE = 0, S_TENSOR, S_ROW, S_GROUP, S_BLOCK };  // GROUP: [rows, K/128]; BLOCK: [rows/128, K/128]
@@ -36,7 +42,7 @@ struct Scale {
   const float* p = nullptr;
   int kind = S_NONE;
   int64_t stride = 0;  // between rows (ROW, GROUP) or 128-row blocks (BLOCK)
-  inline float at(int64_t row, int64_t kb) const {
+  FP8T_INLINE float at(int64_t row, int64_t kb) const {
     switch (kind) {
       case S_TENSOR: return p[0];
       case S_ROW: return p[row * stride];
@@ -45,7 +51,7 @@ struct Scale {
       default: return 1.0f;
     }
   }
-  bool along_k() const { return kind == S_GROUP || kind == S_BLOCK; }
+  FP8T_INLINE bool along_k() const { return kind == S_GROUP || kind == S_BLOCK; }
 };
 
 struct Gemm {
@@ -60,8 +66,7 @@ struct Gemm {
   float* out_f32 = nullptr;
   uint16_t* out_bf16 = nullptr;
   int64_t ldo = 0;
-  bool panel = false;  // set by the panel driver: w rows are decoded fp32 rows of length Kp
-  int64_t panel_rows = 0;
+  int64_t panel_rows = 0, panel_k = 0;  // blocking of the larger-M path (gemm_kernel.h gemm_panel)
 };
 
 struct Quant {
@@ -78,25 +83,25 @@ struct Quant {
 
 // ------------------------------------------------------------------- exact scalar numerics
 
-inline float bits_to_float(uint32_t u) {
+FP8T_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline uint32_t float_to_bits(float f) {
+FP8T_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
 }
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) { return bits_to_float(uint32_t(x.x) << 16); }
+FP8T_INLINE float to_float(float x) { return x; }
+FP8T_INLINE float to_float(at::BFloat16 x) { return bits_to_float(uint32_t(x.x) << 16); }
 
 // kernels/fp8.py compute_scale: max(amax, 1e-12) / 448 in fp32 (NaN stays NaN).
-inline float compute_scale(float amax) { return std::max(amax, MIN_AMAX) / E4M3_MAX; }
+FP8T_INLINE float compute_scale(float amax) { return std::max(amax, MIN_AMAX) / E4M3_MAX; }
 
 // kernels/fp8.py round_to_e4m3: saturate to +-448, round half to even onto the e4m3 grid (3 mantissa
 // bits, subnormal step 2^-9). Scaling by the grid step is exact (a power of two).
-inline float round_to_e4m3(float x) {
+FP8T_INLINE float round_to_e4m3(float x) {
   float a = std::fabs(x);
   if (a > E4M3_MAX) a = E4M3_MAX;  // NaN stays NaN
   int e = int(float_to_bits(a) >> 23) - 127;
@@ -106,7 +111,7 @@ inline float round_to_e4m3(float x) {
 }
 
 // A value on the e4m3 grid -> its float8_e4m3fn byte (NaN -> 0x7F with the sign, as torch).
-inline uint8_t e4m3_byte(float g) {
+FP8T_INLINE uint8_t e4m3_byte(float g) {
   const uint32_t u = float_to_bits(g), au = u & 0x7FFFFFFFu;
   const uint8_t sign = uint8_t((u >> 24) & 0x80);
   if (au > 0x7F800000u) return sign | 0x7F;
@@ -115,7 +120,7 @@ inline uint8_t e4m3_byte(float g) {
   return sign | uint8_t(std::fabs(g) * 512.0f);  // subnormal: 0..7 times 2^-9
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+FP8T_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
   const uint32_t u = float_to_bits(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
   return uint16_t((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
@@ -135,13 +140,26 @@ struct E4m3Table {
 };
 static const E4m3Table kE4m3;
 
+// e4m3 byte -> value * 2^-8, as the vector code decodes it through fp16 (vec8.h; 0x7F -> 480 * 2^-8).
+struct E4m3ScaledTable {
+  float v[256];
+  E4m3ScaledTable() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 0xF, m = b & 7;
+      const float mag = e == 0 ? std::ldexp(float(m), -17) : std::ldexp(float(8 + m), e - 18);
+      v[b] = (b & 0x80) ? -mag : mag;
+    }
+  }
+};
+static const E4m3ScaledTable kE4m3Scaled;
+
 }  // namespace fp8t
 
 // ------------------------------------------------------------------- the kernels, per ISA
 
 namespace fp8t::portable {
 #define FP8T_ISA 0
-#include "vec16.h"
+#include "vec8.h"
 #include "gemm_kernel.h"
 #undef FP8T_ISA
 }  // namespace fp8t::portable
@@ -150,17 +168,17 @@ namespace fp8t::portable {
 #pragma GCC target("avx2,fma,f16c")
 namespace fp8t::avx2 {
 #define FP8T_ISA 1
-#include "vec16.h"
+#include "vec8.h"
 #include "gemm_kernel.h"
 #undef FP8T_ISA
 }  // namespace fp8t::avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512vl,avx2,fma,f16c")
 namespace fp8t::avx512 {
 #define FP8T_ISA 2
-#include "vec16.h"
+#include "vec8.h"
 #include "gemm_kernel.h"
 #undef FP8T_ISA
 }  // namespace fp8t::avx512
@@ -183,11 +201,11 @@ static int checked_isa(int64_t isa) {
   return int(isa);
 }
 
-static void run_gemm_range(int isa, const Gemm& g, int64_t n0, int64_t n1, float* panel) {
+static void run_gemm_range(int isa, const Gemm& g, int64_t n0, int64_t n1, float* panel, float* state) {
   switch (isa) {
-    case ISA_AVX512: return avx512::gemm_range(g, n0, n1, panel);
-    case ISA_AVX2: return avx2::gemm_range(g, n0, n1, panel);
-    default: return portable::gemm_range(g, n0, n1, panel);
+    case ISA_AVX512: return avx512::gemm_range(g, n0, n1, panel, state);
+    case ISA_AVX2: return avx2::gemm_range(g, n0, n1, panel, state);
+    default: return portable::gemm_range(g, n0, n1, panel, state);
   }
 }
 
@@ -354,19 +372,21 @@ at::Tensor linear(const at::Tensor& x_in, int64_t act, const c10::optional<at::T
   else g.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr());
   g.ldo = N;
 
-  // Small M: one pass over the weight, decoded in registers. Larger M: decoded panels of weight rows
-  // sized to stay in L2, swept by register tiles. Threads split N only.
-  const bool use_panel = M > 4;
-  g.panel_rows = std::max<int64_t>(8, std::min<int64_t>(64, (96 * 1024 / 4) / std::max<int64_t>(Kp, 16) / 8 * 8));
-  const int64_t unit = use_panel ? g.panel_rows : 16;  // rows per task
+  // Small M: one pass over the weight, decoded in registers. Larger M: blocks of 24 weight rows x 768
+  // of K decoded into an fp32 panel, swept by register tiles. Threads split N only; each
+  // thread has its own panel and tile states.
+  const bool use_panel = M > GEMV_MAX_M;
+  g.panel_rows = 24, g.panel_k = 768;  // <= 72 KiB of fp32 (L2); panel_k: a multiple of SCALE_BLOCK
+  const int64_t unit = use_panel ? g.panel_rows : 16;  // weight rows per task
   at::parallel_for(0, cdiv(N, unit), 1, [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * unit, n1 = std::min(N, t1 * unit);
-    std::unique_ptr<float, decltype(&std::free)> panel(nullptr, &std::free);
+    std::unique_ptr<float, decltype(&std::free)> panel(nullptr, &std::free), state(nullptr, &std::free);
     if (use_panel) {
-      panel.reset(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * g.panel_rows * Kp)));
-      TORCH_CHECK(panel, "linear: out of memory for the weight panel");
+      panel.reset(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * g.panel_rows * g.panel_k)));
+      state.reset(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 8 * M * g.panel_rows)));
+      TORCH_CHECK(panel && state, "linear: out of memory for the weight panel");
     }
-    run_gemm_range(isa, g, n0, n1, panel.get());
+    run_gemm_range(isa, g, n0, n1, panel.get(), state.get());
   });
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end() - 1);
   out_shape.push_back(N);

@@ -1,4 +1,4 @@
-"""CPU FP8 GEMM and linear layers (C++ in gemm.cpp / gemm_kernel.h / vec16.h), and their launchers.
+"""CPU FP8 GEMM and linear layers (C++ in gemm.cpp / gemm_kernel.h / vec8.h), and their launchers.
 
 Entry points (CPU tensors; `isa=None` picks the instruction set, see `selected_isa`):
 
@@ -26,7 +26,7 @@ Entry points (CPU tensors; `isa=None` picks the instruction set, see `selected_i
 
 Guarantees (all entry points):
   - Products of e4m3 values are exact in fp32, and every accumulation is fp32 in one fixed order over K:
-    16 lanes (lane j takes k = j, j+16, ...; K zero-padded to a multiple of 16), one FMA per
+    8 lanes (lane j takes k = j, j+8, ...; K zero-padded to a multiple of 16), one FMA per
     product, combined by a fixed tree; scales constant along K are applied after the tree,
     ((sum * a_scale) * b_scale), those changing every 128 of K per 128-block partial sum; then bias.
   - Therefore a row's output is bit-identical whether it is computed alone or in a batch of any size
@@ -66,7 +66,7 @@ _ISA: int | None = None
 def extension():
     global _EXT
     if _EXT is None:
-        _EXT = build.load("fp8t_cpu_gemm", ["gemm.cpp"], ["gemm_kernel.h", "vec16.h"])
+        _EXT = build.load("fp8t_cpu_gemm", ["gemm.cpp"], ["gemm_kernel.h", "vec8.h"])
     return _EXT
 
 

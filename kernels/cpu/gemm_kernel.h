@@ -1,203 +1,238 @@
-// The GEMM kernels, written once against V16 (vec16.h) and compiled once per instruction set:
+// The GEMM kernels, written once against V8 (vec8.h) and compiled once per instruction set:
 // gemm.cpp includes this file inside `namespace portable | avx2 | avx512` under the matching
 // `#pragma GCC target`. The types Gemm, Scale, Quant and the helpers of gemm.cpp's common part are
 // visible here.
 //
-// Order of operations, identical for every M, tile shape, thread count and instruction set:
-//   acc[16]   lane j sums a[k] * w[k] over k = j, j+16, j+32, ... in increasing k, one FMA each
-//             (K zero-padded to a multiple of 16);
-//   scales    constant along K: r = ((tree(acc) * 256) * a_scale[m]) * w_scale[n];
+// Order of operations, identical for every M, tile shape, blocking, thread count and instruction set:
+//   lanes     lane j (of 8) sums a[k] * w[k] over k = j, j+8, j+16, ... in increasing k, one FMA
+//             each (K zero-padded to a multiple of 16);
+//   scales    constant along K: r = ((tree(lanes) * 256) * a_scale[m]) * w_scale[n];
 //             changing every 128 of K: per 128-block partial lanes p, tot = fma(p, s, tot) with
-//             s = (a_scale[m, kb] * w_scale[n, kb]) * 256 (the 256 only for e4m3 weights), r = tree(tot);
+//             s = (a_scale[m, kb] * w_scale[n, kb]) * 256, r = tree(tot);
+//             (the factor 256 only for e4m3 weights, which decode to value * 2^-8: exact)
 //   bias      r = r + bias[n]; then the output dtype (bf16: round to nearest even).
 // A row's result therefore does not depend on which other rows share the call.
 
-// ---------------------------------------------------------------- weights: one 16-wide chunk
+// ---------------------------------------------------------------- one register tile
 
 template <int WT>
-FP8T_INLINE V16 load_w(const void* row, int64_t k) {
-  if constexpr (WT == W_E4M3) return V16::load_e4m3(static_cast<const uint8_t*>(row) + k);
-  else if constexpr (WT == W_BF16) return V16::load_bf16(static_cast<const uint16_t*>(row) + k);
-  else return V16::load(static_cast<const float*>(row) + k);  // fp32 weights, or a decoded panel
+constexpr int64_t elem_size() { return WT == W_E4M3 ? 1 : WT == W_BF16 ? 2 : 4; }
+
+template <int WT>
+constexpr float rescale_of() { return WT == W_E4M3 ? 256.0f : 1.0f; }
+
+// 16 weights of a row from k: two chunks of 8 lanes.
+template <int WT>
+FP8T_INLINE void load_w16(const void* row, int64_t k, V8& lo, V8& hi) {
+  if constexpr (WT == W_E4M3) {
+    V8::load_e4m3x2(static_cast<const uint8_t*>(row) + k, lo, hi);
+  } else if constexpr (WT == W_BF16) {
+    lo = V8::load_bf16(static_cast<const uint16_t*>(row) + k), hi = V8::load_bf16(static_cast<const uint16_t*>(row) + k + 8);
+  } else {  // fp32 weights, or a decoded panel
+    lo = V8::load(static_cast<const float*>(row) + k), hi = V8::load(static_cast<const float*>(row) + k + 8);
+  }
 }
 
-// acc[m][n] += a[m][k0:k1] * w[n][k0:k1], 16 lanes at a time; rows of w end at k_full, after which
-// `tail[n]` (the chunk at k_full, zero-padded) is read instead.
+// acc[m][n] += a[m][k] * w[n][k] for k in [k0, k1) (multiples of 16). Weight rows are read up to
+// k_full; the 16 weights at k_full (a partial last chunk of K) come from tail[n], zero-padded.
+// pf > 0: also prefetch each weight row pf bytes ahead (the next tile's rows: one tile of lead).
 template <int MR, int NR, int WT>
 FP8T_INLINE void dot_tile(const float* const (&a)[MR], const void* const (&w)[NR], const void* const (&tail)[NR],
-                          int64_t k_full, int64_t k0, int64_t k1, V16 (&acc)[MR][NR]) {
+                          int64_t k_full, int64_t k0, int64_t k1, int64_t pf, V8 (&acc)[MR][NR]) {
   int64_t k = k0;
   const int64_t k_main = std::min(k1, k_full);
   for (; k < k_main; k += 16) {
-    V16 av[MR];
-    for (int m = 0; m < MR; ++m) av[m] = V16::load(a[m] + k);
     for (int n = 0; n < NR; ++n) {
-      const V16 wv = load_w<WT>(w[n], k);
-      for (int m = 0; m < MR; ++m) acc[m][n] = fma(av[m], wv, acc[m][n]);
+      if (pf) _mm_prefetch(static_cast<const char*>(w[n]) + k * elem_size<WT>() + pf, _MM_HINT_T0);
+      V8 lo, hi;
+      load_w16<WT>(w[n], k, lo, hi);
+      for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k), lo, acc[m][n]);
+      for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k + 8), hi, acc[m][n]);
     }
   }
-  if (k < k1) {  // the last, partial chunk of K (k == k_full)
+  if (k < k1) {  // k == k_full
     for (int n = 0; n < NR; ++n) {
-      const V16 wv = load_w<WT>(tail[n], 0);
-      for (int m = 0; m < MR; ++m) acc[m][n] = fma(V16::load(a[m] + k), wv, acc[m][n]);
+      V8 lo, hi;
+      load_w16<WT>(tail[n], 0, lo, hi);
+      for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k), lo, acc[m][n]);
+      for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k + 8), hi, acc[m][n]);
     }
   }
 }
 
-// Output element (m, n) from its reduced dot product (scales constant along K) or block sum.
-FP8T_INLINE void store_out(const Gemm& g, int64_t m, int64_t n, float r) {
-  if (g.bias) r = r + g.bias[n];
-  if (g.out_f32) g.out_f32[m * g.ldo + n] = r;
-  else g.out_bf16[m * g.ldo + n] = float_to_bf16(r);
-}
-
-// One MR x NR tile of the output. `w` are the NR weight rows (raw, or panel rows of fp32 decoded
-// values when WT == W_F32 and the panel came from e4m3: then `e4m3` says to rescale by 256).
+// Add k in [k0, k1) of tile (m0.., n0..) into its running state st: the lanes themselves when the
+// scales are constant along K; else one fma per 128-block of K (k0 a multiple of 128):
+// st = fma(block lanes, (a_scale * w_scale) * rescale, st). `k_offset` + k is the global k.
 template <int MR, int NR, int WT>
-void tile(const Gemm& g, int64_t m0, int64_t n0, const void* const (&w)[NR], bool e4m3) {
-  const float* a[MR];
-  for (int m = 0; m < MR; ++m) a[m] = g.a + (m0 + m) * g.lda;
-  // the partial last chunk of each raw row, zero-padded (panels are padded already)
-  const int64_t k_full = WT == W_F32 && g.panel ? g.Kp : (g.K & ~int64_t(15));
-  alignas(64) unsigned char tail_buf[NR][64];
-  const void* tail[NR];
-  if (k_full < g.Kp) {
-    const int es = WT == W_E4M3 ? 1 : WT == W_BF16 ? 2 : 4;
-    for (int n = 0; n < NR; ++n) {
-      std::memset(tail_buf[n], 0, sizeof tail_buf[n]);
-      std::memcpy(tail_buf[n], static_cast<const unsigned char*>(w[n]) + k_full * es, (g.K - k_full) * es);
-      tail[n] = tail_buf[n];
-    }
-  } else {
-    for (int n = 0; n < NR; ++n) tail[n] = nullptr;
-  }
-  const float rescale = e4m3 ? 256.0f : 1.0f;
-  if (!g.scales_along_k) {
-    V16 acc[MR][NR];
+FP8T_INLINE void accumulate(const Gemm& g, int64_t m0, int64_t n0, const float* const (&a)[MR],
+                            const void* const (&w)[NR], const void* const (&tail)[NR], int64_t k_full, int64_t k0,
+                            int64_t k1, int64_t k_offset, int64_t pf, float rescale, V8 (&st)[MR][NR]) {
+  if (!g.scales_along_k) return dot_tile<MR, NR, WT>(a, w, tail, k_full, k0, k1, pf, st);
+  for (int64_t k = k0; k < k1; k += SCALE_BLOCK) {
+    V8 p[MR][NR];
     for (int m = 0; m < MR; ++m)
-      for (int n = 0; n < NR; ++n) acc[m][n] = V16::zero();
-    dot_tile<MR, NR, WT>(a, w, tail, k_full, 0, g.Kp, acc);
-    for (int m = 0; m < MR; ++m)
-      for (int n = 0; n < NR; ++n) {
-        float r = acc[m][n].reduce() * rescale;
-        if (g.as.kind != S_NONE) r = r * g.as.at(m0 + m, 0);
-        if (g.ws.kind != S_NONE) r = r * g.ws.at(n0 + n, 0);
-        store_out(g, m0 + m, n0 + n, r);
-      }
-    return;
-  }
-  V16 tot[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) tot[m][n] = V16::zero();
-  for (int64_t kb = 0, k0 = 0; k0 < g.Kp; ++kb, k0 += SCALE_BLOCK) {
-    V16 p[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int n = 0; n < NR; ++n) p[m][n] = V16::zero();
-    dot_tile<MR, NR, WT>(a, w, tail, k_full, k0, std::min(k0 + SCALE_BLOCK, g.Kp), p);
+      for (int n = 0; n < NR; ++n) p[m][n] = V8::zero();
+    dot_tile<MR, NR, WT>(a, w, tail, k_full, k, std::min(k + SCALE_BLOCK, k1), pf, p);
+    const int64_t kb = (k_offset + k) / SCALE_BLOCK;
     for (int m = 0; m < MR; ++m)
       for (int n = 0; n < NR; ++n) {
         const float s = (g.as.at(m0 + m, kb) * g.ws.at(n0 + n, kb)) * rescale;
-        tot[m][n] = fma(p[m][n], V16::broadcast(s), tot[m][n]);
+        st[m][n] = fma(p[m][n], V8::broadcast(s), st[m][n]);
       }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) store_out(g, m0 + m, n0 + n, tot[m][n].reduce());
 }
 
-// ---------------------------------------------------------------- drivers
+// Outputs (m, n0 .. n0+count) from their final states: tree, scales constant along K, bias, dtype.
+inline void finish_row(const Gemm& g, int64_t m, int64_t n0, int64_t count, const V8* st, float rescale) {
+  alignas(32) float sums[64];
+  const float a_scale = g.as.kind != S_NONE && !g.scales_along_k ? g.as.at(m, 0) : 1.0f;
+  for (int64_t c0 = 0; c0 < count; c0 += 64) {
+    const int64_t len = std::min<int64_t>(64, count - c0);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) V8::reduce8(st + c0 + i, sums + i);
+    for (; i < len; ++i) sums[i] = st[c0 + i].reduce();
+    for (i = 0; i < len; ++i) {
+      const int64_t n = n0 + c0 + i;
+      float r = sums[i];
+      if (!g.scales_along_k) {
+        r = r * rescale;
+        if (g.as.kind != S_NONE) r = r * a_scale;
+        if (g.ws.kind != S_NONE) r = r * g.ws.at(n, 0);
+      }
+      if (g.bias) r = r + g.bias[n];
+      if (g.out_f32) g.out_f32[m * g.ldo + n] = r;
+      else g.out_bf16[m * g.ldo + n] = float_to_bf16(r);
+    }
+  }
+}
 
-// Small M: each weight chunk is decoded in registers and used at once by all M rows (MR == M),
-// NR rows of the weight at a time. Bandwidth-bound: the weight is read exactly once.
+// ---------------------------------------------------------------- small M: weight decoded in registers
+
+// All M (= MR) rows against NR weight rows at a time over the whole K: the weight is read once,
+// straight from memory, decoded in registers. Bandwidth-bound. pf: see dot_tile.
+template <int MR, int NR, int WT>
+__attribute__((noinline)) void gemv_tile(const Gemm& g, int64_t n, int64_t pf) {
+  constexpr int64_t es = elem_size<WT>();
+  const float* a[MR];
+  for (int m = 0; m < MR; ++m) a[m] = g.a + m * g.lda;
+  const int64_t k_full = g.K & ~int64_t(15);
+  alignas(64) unsigned char tail_buf[NR][64];
+  const void* w[NR];
+  const void* tail[NR];
+  for (int r = 0; r < NR; ++r) {
+    w[r] = static_cast<const char*>(g.w) + (n + r) * g.ldw * es;
+    tail[r] = tail_buf[r];
+    if (k_full < g.K) {
+      std::memset(tail_buf[r], 0, sizeof tail_buf[r]);
+      std::memcpy(tail_buf[r], static_cast<const char*>(w[r]) + k_full * es, (g.K - k_full) * es);
+    }
+  }
+  V8 st[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) st[m][r] = V8::zero();
+  accumulate<MR, NR, WT>(g, 0, n, a, w, tail, k_full, 0, g.Kp, 0, pf, rescale_of<WT>(), st);
+  for (int m = 0; m < MR; ++m) finish_row(g, m, n, NR, st[m], rescale_of<WT>());
+}
+
+// Tiles prefetch the next tile's rows (the hardware prefetcher alone reached ~55% of the bandwidth
+// on SmolLM2's lm_head), except the last, whose next rows belong to another thread or to no one.
 template <int MR, int NR, int WT>
 void gemv_rows(const Gemm& g, int64_t n_begin, int64_t n_end) {
-  const char* wb = static_cast<const char*>(g.w);
-  const int64_t es = WT == W_E4M3 ? 1 : WT == W_BF16 ? 2 : 4;
+  const int64_t pf = NR * g.ldw * elem_size<WT>();
   int64_t n = n_begin;
-  for (; n + NR <= n_end; n += NR) {
-    const void* w[NR];
-    for (int r = 0; r < NR; ++r) w[r] = wb + (n + r) * g.ldw * es;
-    tile<MR, NR, WT>(g, 0, n, w, WT == W_E4M3);
-  }
-  for (; n < n_end; ++n) {
-    const void* w[1] = {wb + n * g.ldw * es};
-    tile<MR, 1, WT>(g, 0, n, w, WT == W_E4M3);
-  }
+  for (; n + 2 * NR <= n_end; n += NR) gemv_tile<MR, NR, WT>(g, n, pf);
+  for (; n + NR <= n_end; n += NR) gemv_tile<MR, NR, WT>(g, n, 0);
+  for (; n < n_end; ++n) gemv_tile<MR, 1, WT>(g, n, 0);
 }
 
 template <int WT>
 void gemv(const Gemm& g, int64_t n_begin, int64_t n_end) {
-  switch (g.M) {
-    case 1: return gemv_rows<1, 4, WT>(g, n_begin, n_end);
-    case 2: return gemv_rows<2, 2, WT>(g, n_begin, n_end);
-    case 3: return gemv_rows<3, 2, WT>(g, n_begin, n_end);
-    case 4: return gemv_rows<4, 1, WT>(g, n_begin, n_end);
-    default: std::abort();  // the caller takes the panel path for M > 4
+  switch (g.M) {  // MR x NR: 8 to 12 accumulators
+    case 1: return gemv_rows<1, 8, WT>(g, n_begin, n_end);
+    case 2: return gemv_rows<2, 4, WT>(g, n_begin, n_end);
+    case 3: return gemv_rows<3, 3, WT>(g, n_begin, n_end);
+    case 4: return gemv_rows<4, 2, WT>(g, n_begin, n_end);
+    default: std::abort();  // the caller takes the panel path for M > GEMV_MAX_M
   }
 }
 
-// Larger M: the thread's weight rows are decoded PANEL_ROWS at a time into an fp32 panel (the same
-// decoded values as in registers), then kTileM x kTileN register tiles sweep all M rows over it.
+// ---------------------------------------------------------------- larger M: decoded panels
+
+// One MR x NR register tile over one K block of a panel: its state comes from `state` (zero on the
+// first K block) and goes back there.
+template <int MR, int NR>
+__attribute__((noinline)) void panel_tile(const Gemm& g, int64_t m, int64_t nb, int64_t j, const float* panel,
+                                          int64_t kc0, int64_t klen, bool first, float rescale, V8* state) {
+  const float* a[MR];
+  const void* w[NR];
+  const void* tail[NR];
+  for (int r = 0; r < MR; ++r) a[r] = g.a + (m + r) * g.lda + kc0;
+  for (int c = 0; c < NR; ++c) w[c] = panel + (j + c) * g.panel_k, tail[c] = nullptr;
+  V8* s = state + m * g.panel_rows + j;
+  V8 st[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) st[r][c] = first ? V8::zero() : s[r * g.panel_rows + c];
+  accumulate<MR, NR, W_F32>(g, m, nb + j, a, w, tail, klen, 0, klen, kc0, 0, rescale, st);
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) s[r * g.panel_rows + c] = st[r][c];
+}
+
+// Blocked GEMM over weight rows [n_begin, n_end): each block of panel_rows rows x panel_k of K is
+// decoded once into an fp32 panel (the same values as in registers; sized for L1), then
+// kTileM x kTileN register tiles sweep every row of `a` over it. Tile states [M, panel_rows] persist
+// across K blocks, so each lane still adds its products in increasing k; the last K block is
+// followed by the reductions, eight outputs at a time.
 template <int WT>
-void gemm_panel(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel) {
-  constexpr int TM = V16::kTileM, TN = V16::kTileN;
+void gemm_panel(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel, V8* state) {
+  constexpr int TM = V8::kTileM, TN = V8::kTileN;
+  constexpr int64_t es = elem_size<WT>();
   const char* wb = static_cast<const char*>(g.w);
-  const int64_t es = WT == W_E4M3 ? 1 : WT == W_BF16 ? 2 : 4;
-  Gemm gp = g;
-  gp.panel = true;
-  for (int64_t nb = n_begin; nb < n_end; nb += g.panel_rows) {
-    const int64_t rows = std::min<int64_t>(g.panel_rows, n_end - nb);
-    for (int64_t r = 0; r < rows; ++r) {  // decode rows nb .. nb+rows into the panel, zero-padded to Kp
-      const char* src = wb + (nb + r) * g.ldw * es;
-      float* dst = panel + r * g.Kp;
-      const int64_t k_full = g.K & ~int64_t(15);
-      for (int64_t k = 0; k < k_full; k += 16) load_w<WT>(src, k).store(dst + k);
-      if (k_full < g.Kp) {
-        alignas(64) unsigned char buf[64] = {};
-        std::memcpy(buf, src + k_full * es, (g.K - k_full) * es);
-        load_w<WT>(buf, 0).store(dst + k_full);
+  const int64_t nc = g.panel_rows, kc = g.panel_k;
+  for (int64_t nb = n_begin; nb < n_end; nb += nc) {
+    const int64_t rows = std::min(nc, n_end - nb);
+    for (int64_t kc0 = 0; kc0 < g.Kp; kc0 += kc) {
+      const int64_t klen = std::min(kc, g.Kp - kc0);
+      for (int64_t r = 0; r < rows; ++r) {  // decode the block, zero-padding the last chunk of K
+        const char* src = wb + (nb + r) * g.ldw * es;
+        float* dst = panel + r * kc;
+        for (int64_t k = 0; k < klen; k += 16) {
+          const int64_t gk = kc0 + k;
+          V8 lo, hi;
+          if (gk + 16 <= g.K) {
+            load_w16<WT>(src, gk, lo, hi);
+          } else {
+            alignas(64) unsigned char buf[64] = {};
+            std::memcpy(buf, src + gk * es, (g.K - gk) * es);
+            load_w16<WT>(buf, 0, lo, hi);
+          }
+          lo.store(dst + k), hi.store(dst + k + 8);
+        }
+      }
+      const bool first = kc0 == 0;
+      int64_t m = 0;
+      for (; m + TM <= g.M; m += TM) {
+        int64_t j = 0;
+        for (; j + TN <= rows; j += TN) panel_tile<TM, TN>(g, m, nb, j, panel, kc0, klen, first, rescale_of<WT>(), state);
+        for (; j < rows; ++j) panel_tile<TM, 1>(g, m, nb, j, panel, kc0, klen, first, rescale_of<WT>(), state);
+      }
+      for (; m < g.M; ++m) {
+        int64_t j = 0;
+        for (; j + TN <= rows; j += TN) panel_tile<1, TN>(g, m, nb, j, panel, kc0, klen, first, rescale_of<WT>(), state);
+        for (; j < rows; ++j) panel_tile<1, 1>(g, m, nb, j, panel, kc0, klen, first, rescale_of<WT>(), state);
       }
     }
-    int64_t m = 0;
-    for (; m + TM <= g.M; m += TM) {
-      int64_t n = 0;
-      for (; n + TN <= rows; n += TN) {
-        const void* w[TN];
-        for (int r = 0; r < TN; ++r) w[r] = panel + (n + r) * g.Kp;
-        tile<TM, TN, W_F32>(gp, m, nb + n, w, WT == W_E4M3);
-      }
-      for (; n < rows; ++n) {
-        const void* w[1] = {panel + n * g.Kp};
-        tile<TM, 1, W_F32>(gp, m, nb + n, w, WT == W_E4M3);
-      }
-    }
-    for (; m < g.M; ++m) {
-      int64_t n = 0;
-      for (; n + TN <= rows; n += TN) {
-        const void* w[TN];
-        for (int r = 0; r < TN; ++r) w[r] = panel + (n + r) * g.Kp;
-        tile<1, TN, W_F32>(gp, m, nb + n, w, WT == W_E4M3);
-      }
-      for (; n < rows; ++n) {
-        const void* w[1] = {panel + n * g.Kp};
-        tile<1, 1, W_F32>(gp, m, nb + n, w, WT == W_E4M3);
-      }
-    }
+    for (int64_t m = 0; m < g.M; ++m) finish_row(g, m, nb, rows, state + m * nc, rescale_of<WT>());
   }
 }
 
-// The whole GEMM on rows [n_begin, n_end) of the weight (one thread's share).
-inline void gemm_range(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel) {
-  if (panel) {
-    switch (g.wtype) {
-      case W_E4M3: return gemm_panel<W_E4M3>(g, n_begin, n_end, panel);
-      case W_BF16: return gemm_panel<W_BF16>(g, n_begin, n_end, panel);
-      default: return gemm_panel<W_F32>(g, n_begin, n_end, panel);
-    }
-  }
+// The whole GEMM on weight rows [n_begin, n_end) (one thread's share); panel == nullptr: small M.
+// state: V8 [M, panel_rows] (panel path only).
+inline void gemm_range(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel, float* state) {
+  V8* st = reinterpret_cast<V8*>(state);
   switch (g.wtype) {
-    case W_E4M3: return gemv<W_E4M3>(g, n_begin, n_end);
-    case W_BF16: return gemv<W_BF16>(g, n_begin, n_end);
-    default: return gemv<W_F32>(g, n_begin, n_end);
+    case W_E4M3: return panel ? gemm_panel<W_E4M3>(g, n_begin, n_end, panel, st) : gemv<W_E4M3>(g, n_begin, n_end);
+    case W_BF16: return panel ? gemm_panel<W_BF16>(g, n_begin, n_end, panel, st) : gemv<W_BF16>(g, n_begin, n_end);
+    default: return panel ? gemm_panel<W_F32>(g, n_begin, n_end, panel, st) : gemv<W_F32>(g, n_begin, n_end);
   }
 }
 
