@@ -421,6 +421,8 @@ def fp8_weight_only_gemm(
         raise ValueError(f"fp8_weight_only_gemm: bias of shape {tuple(bias.shape)}, expected [{n}]")
     b_layout = _scale_layout(b_scale, n, k, "b_scale")
     if not use_triton(x):
+        if x.dtype != torch.float16 and cpu_kernels.available():  # our C++ kernel (kernels/cpu)
+            return cpu_kernels.fp8_linear(x, b, b_scale, None, bias=bias)
         return fp8_weight_only_gemm_reference(x, b, b_scale, bias)
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 from kernels import cpu
 from kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
-from kernels.gemm import fp8_gemm, fp8_gemm_reference
+from kernels.gemm import fp8_gemm, fp8_gemm_reference, fp8_weight_only_gemm, fp8_weight_only_gemm_reference
 from kernels.quantize import quantize_fp8
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels could not be built (see the warning)")
@@ -119,6 +119,17 @@ def test_fp8_linear_matches_reference(m, n, k, act, weight, x_dtype, has_bias, s
         a_deq = dequantize_fp8(a, a_scale)
         ref = fp8_gemm_reference(a, b, a_scale, b_scale, torch.float32, bias)
     assert_within(y, ref, tolerance(a_deq, b_deq, ref, bias, x_dtype))
+
+
+@pytest.mark.parametrize("weight", WEIGHT)
+def test_weight_only_gemm_dispatch(weight):
+    """kernels.fp8_weight_only_gemm on CPU runs our weight-only kernel, within the bound of its reference."""
+    g = torch.Generator().manual_seed(11)
+    x, (b, b_scale), bias = activations(6, 300, g), weights(150, 300, weight, g), torch.randn(150, generator=g)
+    y = fp8_weight_only_gemm(x, b, b_scale, bias)
+    assert torch.equal(y, cpu.fp8_linear(x, b, b_scale, None, bias=bias))
+    ref = fp8_weight_only_gemm_reference(x, b, b_scale, bias)
+    assert_within(y, ref, tolerance(x, dequantize_fp8(b, b_scale), ref, bias, torch.float32))
 
 
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
