@@ -1,0 +1,131 @@
+"""Where a decode step's time goes: linear GEMMs, attention, the small ops around them, the sampler and
+the host work between ops, per quantization scheme, on this machine.
+
+SmolLM2-135M-Instruct, B sequences decoding together (after a chat-prompt prefill), S steps under
+torch.profiler (CPU). Each operator's self time is put into one bucket by its name; "host (Python)"
+is the step's wall time minus all operator time (scheduling, metadata, bookkeeping, dispatch).
+Profiling inflates tiny ops, so the wall time without the profiler is measured too. Prints a table per
+scheme, writes JSON + PNG to bench/out/.
+
+    .venv/bin/python bench/step_profile.py [--schemes none,fp8] [--batch 1] [--steps 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from engine import LLM, SamplingParams
+
+OUT = Path(__file__).parent / "out"
+PROMPT = [{"role": "user", "content": "Explain in a few paragraphs why the sky is blue."}]
+
+# operator name (substring, lower case) -> bucket; the first match wins
+BUCKETS = (
+    ("gemm", ("addmm", "aten::mm", "matmul", "aten::linear", "bmm", "fp8_gemm", "fp8_linear", "dense_gemm")),
+    ("attention", ("attention", "softmax", "index_select", "write_kv", "paged")),
+    ("quantize", ("quantize", "round", "clamp", "amax", "copysign")),
+    ("sampler", ("topk", "argmax", "multinomial", "exponential", "sort", "cumsum", "log_softmax")),
+    ("norm/rotary/act", ("rsqrt", "pow", "mean", "silu", "cos", "sin", "cat", "neg")),
+)
+
+
+def bucket(name: str) -> str:
+    low = name.lower()
+    for label, keys in BUCKETS:
+        if any(k in low for k in keys):
+            return label
+    return "other ops"
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def start_decoding(llm: LLM, batch: int) -> None:
+    """Add `batch` requests and step until every one has its prompt computed (decode from then on)."""
+    ids = llm.tokenizer.apply_chat_template(PROMPT)
+    params = SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True)
+    for i in range(batch):
+        llm.engine.add_request(f"r{i}", ids, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for r in llm.engine.requests.values() for s in r.seqs):
+        llm.engine.step()
+    llm.engine.step()
+
+
+def profile_scheme(scheme: str, batch: int, steps: int) -> dict:
+    llm = LLM("smollm2-135m-instruct", quantization=scheme, device="cpu")
+    start_decoding(llm, batch)
+    for _ in range(4):  # warm-up
+        llm.engine.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        llm.engine.step()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            llm.engine.step()
+        prof_wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    times: dict[str, float] = defaultdict(float)
+    calls = 0
+    for evt in prof.key_averages():
+        if evt.key.startswith("ProfilerStep") or evt.self_cpu_time_total <= 0:
+            continue
+        times[bucket(evt.key)] += evt.self_cpu_time_total / 1e3 / steps
+        calls += evt.count
+    op_ms = sum(times.values())
+    times["host (Python)"] = max(prof_wall_ms - op_ms, 0.0)
+    return {"scheme": scheme, "batch": batch, "wall_ms": wall_ms, "profiled_wall_ms": prof_wall_ms,
+            "ops_per_step": calls / steps, "ms": dict(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schemes", default="none,fp8")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--tag", default="", help="suffix of the output files (e.g. 'before')")
+    args = ap.parse_args()
+    rows = [profile_scheme(s, args.batch, args.steps) for s in args.schemes.split(",")]
+
+    labels = [b for b, _ in BUCKETS] + ["other ops", "host (Python)"]
+    print(f"\nDecode step breakdown, SmolLM2-135M, batch {args.batch}, {args.steps} steps; machine: {machine()}\n")
+    print("| scheme | step ms (no profiler) | step ms (profiled) | ops/step | " + " | ".join(labels) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(labels))
+    for r in rows:
+        cells = " | ".join(f"{r['ms'].get(b, 0.0):.2f}" for b in labels)
+        print(f"| {r['scheme']} | {r['wall_ms']:.2f} | {r['profiled_wall_ms']:.2f} | {r['ops_per_step']:.0f} | {cells} |")
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    tag = f"_{args.tag}" if args.tag else ""
+    result = {"benchmark": "step_profile", "machine": machine(), "batch": args.batch, "steps": args.steps, "rows": rows}
+    (OUT / f"step_profile{tag}.json").write_text(json.dumps(result, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(rows)))
+    left = [0.0] * len(rows)
+    for b in labels:
+        vals = [r["ms"].get(b, 0.0) for r in rows]
+        ax.barh([r["scheme"] for r in rows], vals, left=left, label=b)
+        left = [x + v for x, v in zip(left, vals)]
+    ax.set_xlabel("ms per decode step (profiled)")
+    ax.set_title(f"SmolLM2-135M decode step, batch {args.batch}, {os.cpu_count()} CPU cores")
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(OUT / f"step_profile{tag}.png", dpi=120)
+    print(f"wrote {OUT / f'step_profile{tag}.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()
