@@ -54,7 +54,10 @@ def reference_llm(src, scheme: str, ignore=("lm_head",)):
     hf = hf_weights(src)
     for m in linears(llm):
         if m.scheme != "none":
-            m.weight.data.copy_(fake_quant_weight(hf, m, GRAN[scheme]))
+            shards = [quantize_weight(hf[f"{s}.weight"], GRAN[scheme]) for s in shard_names(m.name)]
+            rows = [q.shape[0] for q, _ in shards]
+            m.set_fp8_weight(torch.cat([q for q, _ in shards]), fuse_scales([s for _, s in shards], rows, m.in_features))
+            assert torch.equal(m.dequantized_weight(), fake_quant_weight(hf, m, GRAN[scheme])), m.name
     return llm
 
 
@@ -69,7 +72,7 @@ def test_fp8_round_trip_is_bit_exact(src, tmp_path):
     mem, loaded = LLM(str(src), device="cpu", quantization="fp8"), LLM(str(out), device="cpu")
     for a, b in zip(linears(mem), linears(loaded)):
         assert a.name == b.name and a.scheme == b.scheme
-        assert torch.equal(a.weight, b.weight), a.name
+        assert torch.equal(a.dequantized_weight(), b.dequantized_weight()), a.name
         if a.scheme != "none":
             assert torch.equal(a.weight_fp8.view(torch.uint8), b.weight_fp8.view(torch.uint8)), a.name
             assert torch.equal(a.weight_scale, b.weight_scale), a.name
@@ -85,7 +88,7 @@ def test_each_scheme_loads_to_fake_quant_reference(src, tmp_path, scheme):
             assert m.scheme == "none"
             continue
         assert m.scheme == scheme
-        assert torch.equal(m.weight, fake_quant_weight(hf, m, GRAN[scheme])), m.name
+        assert torch.equal(m.dequantized_weight(), fake_quant_weight(hf, m, GRAN[scheme])), m.name
     assert_same_logits(loaded, reference_llm(src, scheme))
 
 
@@ -116,7 +119,7 @@ def test_ignore_keeps_layers_in_high_precision(src, tmp_path):
     for m in linears(llm):
         assert (m.scheme == "none") == (m.name == "lm_head" or m.name.endswith("down_proj")), m.name
         if m.name.endswith("down_proj"):
-            assert torch.equal(m.weight, hf[f"{m.name}.weight"])
+            assert torch.equal(m.dequantized_weight(), hf[f"{m.name}.weight"])
     # a compressed-tensors `re:` ignore entry, read back from a checkpoint
     out = save_quantized(str(src), tmp_path / "ckpt", "fp8", ignore=("lm_head",))
     cfg = json.loads((out / "config.json").read_text())
@@ -149,7 +152,7 @@ def test_transformers_fp8_block_format(src, tmp_path):
     loaded, hf = _write_variant(src, tmp_path / "hf_fp8", qc, "fp8-block", "weight_scale_inv"), hf_weights(src)
     for m in linears(loaded):
         if m.name != "lm_head":
-            assert m.scheme == "fp8-block" and torch.equal(m.weight, fake_quant_weight(hf, m, "block")), m.name
+            assert m.scheme == "fp8-block" and torch.equal(m.dequantized_weight(), fake_quant_weight(hf, m, "block")), m.name
     assert_same_logits(loaded, reference_llm(src, "fp8-block"))
 
 
@@ -170,9 +173,9 @@ def test_fbgemm_fp8_rowwise_format(src, tmp_path):
         kept = m.name == "lm_head" or m.name.startswith("model.layers.0.mlp")
         assert m.scheme == ("none" if kept else "fp8"), m.name
         if kept and m.name != "lm_head":
-            assert torch.equal(m.weight, torch.cat([hf[f"{s}.weight"] for s in shard_names(m.name)])), m.name
+            assert torch.equal(m.dequantized_weight(), torch.cat([hf[f"{s}.weight"] for s in shard_names(m.name)])), m.name
         elif not kept:
-            assert torch.equal(m.weight, fake_quant_weight(hf, m, "channel")), m.name
+            assert torch.equal(m.dequantized_weight(), fake_quant_weight(hf, m, "channel")), m.name
     assert_same_logits(loaded, reference_llm(src, "fp8", ("lm_head", "model.layers.0.mlp.*")))
 
 

@@ -64,7 +64,10 @@ else:
 
 
 def run(tmp_path: Path, mode: str, path: str, scheme: str, kv: str, ids: list[int]) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1" if mode == "record" else "0")
+    # The CPU side runs the torch reference (fake-quantized activations, one fp32 matmul), not our C++
+    # kernels, which fuse the quantization the replay hooks into: tests/test_cpu_gemm.py checks those
+    # against the same reference, and tests/test_cpu_model.py checks the model on them.
+    env = dict(os.environ, TRITON_INTERPRET="1" if mode == "record" else "0", FP8_TURBO_CPU_KERNELS="0")
     recording, result = str(tmp_path / "recording.pt"), str(tmp_path / "result.pt")
     code = SCRIPT.format(tests_dir=TESTS_DIR, mode=mode, recording=recording, result=result, tol=TOL,
                          path=path, scheme=scheme, kv=kv, ids=ids)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES
+from engine.model.model import VOCAB_DTYPES
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -26,6 +27,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None  # KV budget; default: 1 GiB on CPU, the memory plan on CUDA
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the GPU's memory this engine may use
+    # How the embedding and a high-precision lm_head are stored: "model" (the model dtype), "bfloat16",
+    # "fp8" (e4m3 per row), or "auto": bfloat16 on CPU for FP8 schemes run by our CPU kernels (halves
+    # the largest matrix a decode step reads; bench/ACCURACY.md measures each choice), else the model's.
+    lm_head_dtype: str = "auto"
     tensor_parallel_size: int = 1  # ranks sharing the model (engine/core/workers.py); KV budget is per rank
     deterministic: bool = False  # batch-invariant kernels (fixed GEMM config, no split-K / split-KV)
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (vLLM's name)
@@ -51,6 +56,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.max_graph_batch_size < 1:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+        if self.lm_head_dtype not in ("auto", *VOCAB_DTYPES):
+            raise ValueError(f"lm_head_dtype must be one of {('auto', *VOCAB_DTYPES)}, got {self.lm_head_dtype!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -58,6 +67,15 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def vocab_matrices_dtype(self, device: torch.device, quantized: bool) -> str:
+        """What "auto" means for `lm_head_dtype` (see the field's comment); `quantized`: the loaded
+        model has FP8 linear layers (asked for, or brought by a pre-quantized checkpoint)."""
+        if self.lm_head_dtype != "auto":
+            return self.lm_head_dtype
+        from kernels import cpu as cpu_kernels
+
+        return "bfloat16" if device.type == "cpu" and quantized and cpu_kernels.available() else "model"
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

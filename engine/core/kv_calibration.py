@@ -33,10 +33,10 @@ def calibrate_kv_scales(model: LlamaModel, token_ids: list[int], block_size: int
     """Run one prefill of `token_ids` and set every layer's (k_scale, v_scale); returns them. Under
     tensor parallelism every rank calls this together."""
     cfg = model.cfg
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     num_blocks = -(-len(token_ids) // block_size)
     caches = allocate_kv_caches(cfg.num_layers, num_blocks, block_size, model.num_kv_heads, cfg.head_dim,
-                                model.embed_tokens.weight.dtype, device)
+                                model.dtype, device)
     amax: list[list[float]] = [[0.0, 0.0] for _ in model.layers]
     attns = [layer.self_attn for layer in model.layers]
     for i, attn in enumerate(attns):

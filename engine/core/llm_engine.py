@@ -69,6 +69,7 @@ class LLMEngine:
         quant = QuantConfig(config.quantization, config.quantization_ignore)
         self.model = build_model(self.source, self.model_config, quant, self.device, self.dtype,
                                  self.workers.tp if self.workers else None)
+        self.model.store_vocab_matrices(config.vocab_matrices_dtype(self.device, self.model.is_quantized))
         self.load_seconds = time.perf_counter() - t0
 
         cfg = self.model_config

@@ -192,6 +192,7 @@ class Worker:
         quant = QuantConfig(config.quantization, config.quantization_ignore)
         self.model = build_model(source, cfg, quant, device, config.torch_dtype(device), tp)
         self.model.set_deterministic(config.deterministic)  # as rank 0's engine does
+        self.model.store_vocab_matrices(config.vocab_matrices_dtype(device, self.model.is_quantized))
         self.kv_caches: list = []
 
     # ---- calls (each one run by every rank together; see LLMEngine) ----------------------------

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import kernels
+from kernels import cpu as cpu_kernels
 from kernels.backend import use_triton
 
 QUANT_SCHEMES = ("none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
@@ -61,9 +63,13 @@ class Linear(nn.Module):
     FP8 schemes keep `weight_fp8` (e4m3) and `weight_scale` (fp32). How they compute:
     - CUDA (and CPU under TRITON_INTERPRET=1): activations are quantized by `kernels.quantize_fp8`
       and multiplied by `kernels.fp8_gemm` (Triton), scales applied in the GEMM's epilogue.
-    - CPU: `weight` is replaced by its dequantized copy (exactly the FP8 grid times its scale, in fp32)
-      and activations are quantize-dequantized with the same numerics (`fake_quantize_fp8`), so one
-      fp32 matmul reproduces the FP8 result up to summation order (design.md, Backends).
+    - CPU with our C++ kernels (kernels/cpu): only the e4m3 weight stays resident; one call
+      (`fp8_linear`) quantizes the activations and multiplies, in a fixed order over K, so a row's
+      output does not depend on the batch. High-precision layers (scheme "none") run `dense_linear`,
+      the same fixed-order kernel for fp32/bf16 weights.
+    - CPU without them (no compiler): `weight` is replaced by its dequantized copy (exactly the FP8
+      grid times its scale, in fp32) and activations are quantize-dequantized with the same numerics
+      (`fake_quantize_fp8`), so one fp32 matmul reproduces the FP8 result up to summation order.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, quant: QuantConfig, name: str):
@@ -102,18 +108,38 @@ class Linear(nn.Module):
         from kernels.fp8 import dequantize_fp8
 
         self.weight_fp8, self.weight_scale = w_fp8, scale.float()
-        if w_fp8.is_cuda:
-            self.weight = None  # the Triton GEMM reads the e4m3 weight directly
+        if w_fp8.is_cuda or cpu_kernels.available():
+            self.weight = None  # the Triton GEMM / our CPU kernel reads the e4m3 weight directly
         else:
             self.weight = nn.Parameter(dequantize_fp8(w_fp8, self.weight_scale), requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, in fp32 [N, K]: the e4m3 grid times its scale for FP8
+        schemes (whether or not a dequantized copy is resident), else the weight itself."""
+        if self.weight_fp8 is None:
+            return self.weight.float()
+        from kernels.fp8 import dequantize_fp8
+
+        return dequantize_fp8(self.weight_fp8, self.weight_scale)
 
     def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
         """`act_scale` replaces the activation scale computed from x (row-parallel shards pass the scale
         of the whole row: engine/model/parallel.py)."""
+        on_cpu_kernels = not use_triton(x) and cpu_kernels.available()
         if self.scheme == "none":
-            return nn.functional.linear(x, self.weight, self.bias)
+            if on_cpu_kernels:
+                return cpu_kernels.dense_linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
         act = self.act_granularity
         act_scale = self.input_scale if act_scale is None else act_scale
+        if on_cpu_kernels:
+            if act_scale is None or act_scale.numel() == 1:  # dynamic, or one static scale: one fused call
+                return cpu_kernels.fp8_linear(x, self.weight_fp8, self.weight_scale, act, act_scale, self.bias)
+            # given per-token scales (a row-parallel shard quantizes with its whole row's scale)
+            x2 = x.reshape(-1, self.in_features)
+            xq, xs = kernels.quantize_fp8(x2, act, scale=act_scale)
+            out = cpu_kernels.fp8_gemm(xq, self.weight_fp8, xs, self.weight_scale, x.dtype, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
         if not use_triton(x):
             from kernels.quantize import fake_quantize_fp8
 

@@ -17,6 +17,8 @@ from engine.model.parallel import (ColumnParallelLinear, ParallelLMHead, RowPara
                                    VocabParallelEmbedding, attention_shard, split_evenly)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, KVH, D] each
+# How the embedding and a high-precision lm_head are stored (LlamaModel.store_vocab_matrices)
+VOCAB_DTYPES = ("model", "bfloat16", "fp8")
 
 
 class RMSNorm(nn.Module):
@@ -187,6 +189,53 @@ class LlamaModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (Linear, Attention)):
                 m.deterministic = deterministic
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations, norms, KV cache unless FP8)."""
+        return self.norm.weight.dtype
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when some linear layer computes in FP8."""
+        return any(isinstance(m, Linear) and m.scheme != "none" for m in self.modules())
+
+    @torch.no_grad()
+    def store_vocab_matrices(self, kind: str) -> None:
+        """Store the embedding and a high-precision lm_head (its scheme "none") smaller, after loading.
+
+        kind: "model" (unchanged), "bfloat16" (half the bytes of fp32; lm_head runs a bf16-weight
+        GEMM), or "fp8" (e4m3, one scale per vocabulary row: a quarter of fp32; lm_head runs
+        weight-only FP8, its activations unquantized). A tied pair stays one shared matrix. An
+        FP8-quantized lm_head (not in the ignore list) is left as it is.
+        """
+        if kind not in VOCAB_DTYPES:
+            raise ValueError(f"lm_head_dtype must be one of {VOCAB_DTYPES}, got {kind!r}")
+        if kind == "model":
+            return
+        from kernels.fp8 import quantize_weight
+
+        emb, head = self.embed_tokens, self.lm_head
+        tied = head.weight is emb.weight
+        compute = self.dtype
+        emb.out_dtype = compute
+        if kind == "bfloat16":
+            emb.weight = nn.Parameter(emb.weight.data.to(torch.bfloat16), requires_grad=False)
+            if tied:
+                head.weight = emb.weight
+            elif head.scheme == "none":
+                head.weight = nn.Parameter(head.weight.data.to(torch.bfloat16), requires_grad=False)
+            return
+        q, scale = quantize_weight(emb.weight.data, "channel")
+        if tied:
+            head.scheme = "fp8-weight-only"
+            head.set_fp8_weight(q, scale)
+            emb.weight_fp8, emb.weight_scale = head.weight_fp8, head.weight_scale
+        else:
+            emb.weight_fp8, emb.weight_scale = q, scale
+            if head.scheme == "none":
+                head.scheme = "fp8-weight-only"
+                head.finalize()
+        emb.weight = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:

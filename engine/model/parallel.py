@@ -265,7 +265,11 @@ def _finalize_with_global_amax(m: Linear) -> None:
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows start..start+ceil(V/N) of the embedding (zero past V); ids outside them contribute zeros."""
+    """Rows start..start+ceil(V/N) of the embedding (zero past V); ids outside them contribute zeros.
+
+    The rows are `weight` (the model dtype, or bf16), or an e4m3 matrix with one scale per row
+    (`weight_fp8`, `weight_scale`, shared with a tied FP8 lm_head): LlamaModel.store_vocab_matrices.
+    Looked-up rows come back in `out_dtype` (the model's compute dtype; None: the weight's)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel):
         super().__init__()
@@ -273,16 +277,25 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = _cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.weight_fp8: torch.Tensor | None = None
+        self.weight_scale: torch.Tensor | None = None  # [rows, 1] fp32
+        self.out_dtype: torch.dtype | None = None
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight_fp8 is not None:
+            return (self.weight_fp8[ids].float() * self.weight_scale[ids]).to(self.out_dtype)
+        x = nn.functional.embedding(ids, self.weight)
+        return x if self.out_dtype is None else x.to(self.out_dtype)
 
     def checkpoint_slice(self, part: int | None, leaf: str, shape: tuple[int, ...]) -> Slice:
         return None if self.tp.size == 1 else (0, self.start, min(self.start + self.rows, self.vocab_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return nn.functional.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.rows)
-        x = nn.functional.embedding(local.clamp(0, self.rows - 1), self.weight)
+        x = self._lookup(local.clamp(0, self.rows - 1))
         return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0.0))
 
 
