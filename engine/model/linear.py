@@ -133,7 +133,7 @@ class Linear(nn.Module):
         act = self.act_granularity
         act_scale = self.input_scale if act_scale is None else act_scale
         if on_cpu_kernels:
-            if act_scale is None or act_scale.numel() == 1:  # dynamic, or one static scale: one fused call
+            if act_scale is None or act == "tensor":  # dynamic, or one static scale: one fused call
                 return cpu_kernels.fp8_linear(x, self.weight_fp8, self.weight_scale, act, act_scale, self.bias)
             # given per-token scales (a row-parallel shard quantizes with its whole row's scale)
             x2 = x.reshape(-1, self.in_features)
