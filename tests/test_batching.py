@@ -112,3 +112,24 @@ def test_round_robin_admission_changes_when_tokens_come_not_which(path):
     assert list(finished) == ["b", "a"]  # first come first served would finish "b" last
     assert finished["b"].outputs[0].token_ids == b_alone
     assert [c.token_ids for c in finished["a"].outputs] == a_alone
+
+
+def test_kv_cache_memory_option_sets_the_cpu_budget(path):
+    """`--kv-cache-memory` / LLM(kv_cache_memory_bytes=...): the CPU cache holds what the budget buys."""
+    import argparse
+
+    from engine.serving.cli import build_parser, memory_size
+
+    assert [memory_size(s) for s in ("256MiB", "1.5GB", "2g", "4096", "64 KiB")] == [
+        256 << 20, 1_500_000_000, 2_000_000_000, 4096, 64 << 10]
+    for bad in ("", "-1MB", "12 parsecs", "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="invalid size"):
+            memory_size(bad)
+    args = build_parser().parse_args(["serve", "--kv-cache-memory", "3MiB", "--lm-head-dtype", "bfloat16"])
+    assert (args.kv_cache_memory, args.lm_head_dtype) == (3 << 20, "bfloat16")
+    llm = LLM(path, device="cpu", kv_cache_memory_bytes=3 << 20)
+    cfg = llm.engine.model_config
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16  # K and V, fp32, 16 tokens
+    assert llm.engine.kv_capacity_tokens == (3 << 20) // per_block * 16
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes must be > 0"):
+        LLM(path, device="cpu", kv_cache_memory_bytes=-5)

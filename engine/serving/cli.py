@@ -7,6 +7,7 @@ import sys
 import time
 
 from engine.model.linear import QUANT_SCHEMES
+from engine.model.model import VOCAB_DTYPES
 from engine.checkpoints.source import DEFAULT_MODEL
 
 
@@ -22,6 +23,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode without CUDA graphs")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant kernels: a seeded request gives the same tokens whatever runs beside it")
+    p.add_argument("--kv-cache-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="KV cache budget per rank, e.g. 256MiB, 2GB or bytes (default: 1 GiB on CPU, the memory plan on CUDA)")
+    p.add_argument("--lm-head-dtype", default="auto", choices=("auto", *VOCAB_DTYPES),
+                   help="how the embedding and a high-precision lm_head are stored (auto: bfloat16 for FP8 on CPU)")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """'256MiB', '1.5GB', '1g', '1048576' -> bytes (argparse type; a bad value is a usage error)."""
+    s = text.strip().lower().replace(" ", "")
+    number = s.rstrip("kmgtib")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected bytes or a number with KiB/MiB/GiB/KB/MB/GB")
+    return int(value * _UNITS[unit])
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -36,7 +59,8 @@ def _make_llm(args):
 
     return LLM(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-               enforce_eager=args.enforce_eager, deterministic=args.deterministic)
+               enforce_eager=args.enforce_eager, deterministic=args.deterministic,
+               kv_cache_memory_bytes=args.kv_cache_memory, lm_head_dtype=args.lm_head_dtype)
 
 
 def _params(args):

@@ -555,7 +555,9 @@ def run_server(args: argparse.Namespace) -> int:
                           device=args.device, max_model_len=args.max_model_len, seed=args.seed,
                           tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
                           enforce_eager=getattr(args, "enforce_eager", False),
-                          deterministic=getattr(args, "deterministic", False))
+                          deterministic=getattr(args, "deterministic", False),
+                          kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
+                          lm_head_dtype=getattr(args, "lm_head_dtype", "auto"))
     engine = LLMEngine(config)
     name = args.served_model_name or args.model
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
