@@ -1,9 +1,12 @@
-# `make run` starts the default model; `make test` runs the suite. Both set up .venv on first use.
+# `make run` starts the default model (HOST=, PORT=, MODEL=, QUANT= override); `make test` runs the
+# suite. Both set up .venv on first use.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2-135m-instruct
 QUANT  ?= fp8
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
 
 .PHONY: run test chat bench clean
 
@@ -12,7 +15,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m engine serve --model $(MODEL) --quantization $(QUANT)
+	$(PY) -m engine serve --model $(MODEL) --quantization $(QUANT) --host $(HOST) --port $(PORT)
 
 chat: $(STAMP)
 	$(PY) -m engine chat --model $(MODEL) --quantization $(QUANT)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 import time
+from pathlib import Path
 
 from engine.model.linear import QUANT_SCHEMES
 from engine.model.model import VOCAB_DTYPES
@@ -130,7 +133,34 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port right now, or None when it can. Checked before the
+    model loads (seconds to minutes), so a taken port fails at once and names the address."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        return f"--port {port}: must be in 0..65535"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"--host {host!r}: cannot resolve it ({e.strerror})"
+    for family, kind, proto, _, sockaddr in infos:  # uvicorn listens on every address the host resolves to
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+            try:
+                s.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return (f"{address} is already in use (another server?): stop it, or pick another port "
+                            f"with --port (make run PORT=...)")
+                return f"cannot listen on {address}: {e.strerror}"
+    return None
+
+
 def cmd_serve(args) -> int:
+    problem = listen_problem(args.host, args.port)
+    if problem:
+        print(f"fp8-turbo serve: {problem}", file=sys.stderr)
+        return 1
     from engine.serving.server import run_server
 
     return run_server(args)
@@ -162,13 +192,30 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_export_tokenizer(args) -> int:
+    """Write the model's tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json, ...), for
+    tools that load a tokenizer by path, e.g. lm-evaluation-harness's `tokenizer=`. A GGUF model's
+    tokenizer is rebuilt from the file's vocabulary by transformers, as the engine itself does."""
+    from engine.checkpoints.source import resolve_model
+    from tokenizer import load_tokenizer
+    from tokenizer.chat_template import LLAMA3_CHAT_TEMPLATE
+
+    tokenizer = load_tokenizer(resolve_model(args.model).path)
+    if not tokenizer.hf.chat_template:  # the engine renders chats with its built-in template then
+        tokenizer.hf.chat_template = LLAMA3_CHAT_TEMPLATE
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.hf.save_pretrained(str(out))
+    print(f"wrote the tokenizer of {args.model} to {out}")
+    return 0
+
+
 BENCHMARKS = ("generate", "throughput", "serve", "gemm", "attention", "sampler", "accuracy", "tp")
 
 
 def cmd_bench(args) -> int:
     """Run bench/<name>.py of the source checkout with the remaining arguments."""
     import runpy
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
     if not script.is_file():
@@ -232,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.serving.cli_quant import add_commands  # quantize, eval
 
     add_commands(sub)
+
+    p = sub.add_parser("export-tokenizer", help="write the model's tokenizer as Hugging Face files (for lm-eval's tokenizer=)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, HF checkpoint dir or .gguf file (default {DEFAULT_MODEL})")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_export_tokenizer)
 
     p = sub.add_parser("bench", help="run a benchmark of bench/ (prints a table, writes JSON + PNG to bench/out/)")
     p.add_argument("name", choices=BENCHMARKS)
