@@ -27,12 +27,21 @@ torch_cuda() {
     $PY -c "import torch; print(torch.version.cuda or 'none')" 2>/dev/null || true
 }
 
+# "cpu" or "cuda" from the installed torch's metadata, readable before its dependencies are installed:
+# a CUDA build requires nvidia-* packages or carries a +cuXXX version.
+torch_build() {
+    $PY -c "
+import importlib.metadata as md
+cuda = '+cu' in md.version('torch') or any(r.startswith('nvidia') for r in md.requires('torch') or [])
+print('cuda' if cuda else 'cpu')" 2>/dev/null || true
+}
+
 install_cpu_torch() {
     # 1. Local wheel only (--no-index: pip reads just its find-links); its dependencies then come from
     #    the configured indexes, with torch itself already satisfied so no index can swap it.
     if $PIP install --quiet --no-index --no-deps "torch==${TORCH_VERSION}" 2>/dev/null; then
-        if [ "$(torch_cuda)" = none ]; then
-            echo "setup: torch ${TORCH_VERSION} (CPU build) from a local wheel"
+        if [ "$(torch_build)" = cpu ]; then
+            echo "setup: torch ${TORCH_VERSION} (CPU build) from a local wheel; now its dependencies"
             $PIP install "torch==${TORCH_VERSION}"
             return 0
         fi
