@@ -11,8 +11,8 @@ Every fenced code block is checked except those under "## Measured" (benchmark n
   everything else must match).
 ```bash / ```console blocks: `$ command` lines run (`\\` continues a line; `fp8-turbo` runs this
   checkout's `python -m engine`), in a scratch directory; the lines below are what they print: stdout
-  exactly, then the last line of stderr (a status line with timings) by shape, or, for JSON, by shape
-  (keys and value types). Commands the checker knows:
+  exactly, then (if shown) the last line of stderr, a status line with timings, by shape; JSON output
+  by shape (keys and value types). Commands the checker knows:
     fp8-turbo serve ...  started in the background on a free port (the README's port 8000 is replaced
                          by it in every later command and output); its line is the start-up log line;
     curl ...             needs that server;
@@ -205,8 +205,8 @@ class CommandRunner:
             return self._compare_json(where, expected, proc.stdout)
         stdout_lines = len(proc.stdout.rstrip("\n").splitlines())
         errors = compare(where, expected[:stdout_lines], proc.stdout, by_shape=False)
-        status = proc.stderr.rstrip("\n").splitlines()[-1:]
-        if expected[stdout_lines:] or status:
+        if expected[stdout_lines:]:  # a status line shown: stderr's last (progress bars and warnings come before)
+            status = proc.stderr.rstrip("\n").splitlines()[-1:]
             errors += compare(f"{where} (stderr)", expected[stdout_lines:], "\n".join(status), by_shape=True)
         return errors
 
