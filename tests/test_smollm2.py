@@ -74,5 +74,8 @@ def test_fp8_chat_is_sensible_and_deterministic(llm):
     params = SamplingParams(temperature=0, max_tokens=24)
     first = fp8.chat(CHATS[0], params)[0].outputs[0].text
     again = fp8.chat(CHATS[0], params)[0].outputs[0].text
-    assert first == again
+    assert first == again  # the same shapes in the same process: the same sums, exactly
+    # Not a bit-level check: the FP8 greedy text may differ between CPUs (README: an activation on an
+    # e4m3 rounding boundary rounds either way). "Paris" survives unless the logits move by more than the
+    # top-2 gaps before it: 0.95 nats at the first token, 3.3-5.8 at the next five (measured).
     assert "Paris" in first, first
