@@ -3,7 +3,9 @@ model and compare what they print with what the README says they print.
 
     python scripts/check_readme.py            # exit status 1 and a list of mismatches if any
 
-Every fenced code block is checked except those under "## Measured" (benchmark numbers, not examples):
+Every fenced code block is checked except those under "## Measured" (benchmark numbers, not examples);
+Python under "## Tensor parallelism" is compiled, not run (it starts worker processes that take minutes
+on a busy 2-core machine; tests/test_tensor_parallel.py runs TP on the CPU):
 
 ```python blocks run top to bottom in one namespace. A run of `# ` comment lines right after a line of
   code is the expected output of the code since the previous one: compared exactly (greedy output),
@@ -40,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 SKIPPED_SECTIONS = ("## Measured",)
+COMPILE_ONLY_SECTIONS = ("## Tensor parallelism",)
 README_PORT = 8000
 SERVE_TIMEOUT_S = 600  # model load on a busy 2-core machine has taken a minute; leave room
 
@@ -52,6 +55,7 @@ class Block:
     lang: str
     line: int  # 1-based line of the first line inside the fence
     lines: list[str]
+    section: str = ""  # the "## " heading above it
 
 
 def read_blocks(text: str) -> list[Block]:
@@ -62,7 +66,7 @@ def read_blocks(text: str) -> list[Block]:
             if line.startswith("## "):
                 section = line
             elif line.startswith("```") and not section.startswith(SKIPPED_SECTIONS):
-                current = Block(line[3:].strip(), number + 1, [])
+                current = Block(line[3:].strip(), number + 1, [], section)
         elif line.startswith("```"):
             blocks.append(current)
             current = None
@@ -109,6 +113,9 @@ def check_python(blocks: list[Block]) -> list[str]:
     namespace: dict = {"__name__": "__readme__"}
     errors = []
     for block in (b for b in blocks if b.lang == "python"):
+        if block.section.startswith(COMPILE_ONLY_SECTIONS):
+            compile("\n".join(block.lines), f"README.md:{block.line}", "exec")  # a SyntaxError names the line
+            continue
         code: list[str] = []
         start = i = 0
         while i < len(block.lines):
