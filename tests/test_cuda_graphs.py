@@ -66,8 +66,8 @@ def tiny(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("graphs"), "llama31", layers=2)
 
 
-# The comparisons below run one model at two batch shapes, whose GEMM rows the CPU BLAS sums in different
-# orders (on an AVX2 EPYC a row of F.linear differs with M, 1 vs 2 vs 5 vs 8 rows). They run in fp32, not
+# The comparisons below run one model at two batch shapes, whose sums torch may take in different orders
+# (attention; F.linear where the C++ CPU kernels are not built: on an AVX2 EPYC its rows differ with M). They run in fp32, not
 # FP8: under FP8 an activation on an e4m3 rounding boundary can move a whole e4m3 step between the two,
 # depending on the CPU, and this fixed model's FP8 trajectory has a top-2 logit gap of 9e-6 nats (a tie).
 # In fp32 the two orders put the logits within 1e-4 of their magnitude (tests/test_parity.py: Higham &
