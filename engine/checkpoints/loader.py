@@ -7,7 +7,10 @@ layers say which: engine/model/parallel.py), so no rank ever holds the whole mod
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +22,31 @@ from engine.model.linear import Linear, QuantConfig
 from engine.model.model import LlamaModel, RotaryEmbedding
 from engine.model.parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel, shard_selector
 from kernels.fp8 import FP8_DTYPE
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_LOAD_MMAP_THRESHOLD = 64 << 10
+_RUN_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+
+
+@contextmanager
+def _host_memory_returned():
+    """Loading frees one high-precision weight per layer as it is quantized. glibc keeps freed blocks
+    below its mmap threshold in the heap, and raises that threshold each time a large block is freed,
+    so without this the process keeps (and its RSS peaks at) nearly every freed weight. While loading,
+    blocks above 64 KiB are mmapped and go back to the OS when freed; afterwards a fixed 32 MiB
+    threshold (the top of glibc's dynamic range) and a trim. A no-op without glibc."""
+    path = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(path) if path else None
+    if libc is None or not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _RUN_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
+
 
 # HF name suffix -> (fused parameter suffix, shard index); shards are stacked along dim 0.
 _FUSED = {
@@ -75,6 +103,8 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]],
         filled[target] = filled.get(target, 0) + 1
         if stream_quantize and isinstance(owner, Linear) and target.endswith(".weight") and filled[target] == _num_shards(target):
             owner.finalize()
+            if owner.weight is None:  # only the e4m3 copy stays: let the high-precision one go now
+                params[target] = owner.weight_fp8
     if "lm_head.weight" not in filled:
         # Tied embeddings (or a checkpoint that omits lm_head): share the embedding matrix.
         model.lm_head.weight = model.embed_tokens.weight
@@ -129,13 +159,14 @@ def build_model(source: ModelSource, cfg: ModelConfig, quant: QuantConfig, devic
             if isinstance(m, Linear) and m.bias is not None:
                 m.bias.data.zero_()
     tensors = iter_checkpoint_tensors(source, shard_selector(model, _target_param) if tp.size > 1 else None)
-    if fp8_spec is None:
-        load_weights(model, tensors, stream_quantize=True)
-    else:
-        fp8_loader = Fp8Loader(fp8_spec, cfg)
-        load_weights(model, fp8_loader.filter(tensors))
-        fp8_loader.install(model)
-    for m in model.modules():
-        if isinstance(m, Linear):
-            m.finalize()
+    with _host_memory_returned():
+        if fp8_spec is None:
+            load_weights(model, tensors, stream_quantize=True)
+        else:
+            fp8_loader = Fp8Loader(fp8_spec, cfg)
+            load_weights(model, fp8_loader.filter(tensors))
+            fp8_loader.install(model)
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.finalize()
     return model.eval()
