@@ -1,110 +1,240 @@
-"""Single-stream decode speed: fp8-turbo vs transformers' `generate`, same model, prompt and length.
+"""Single-stream decode speed and memory: fp8-turbo (each scheme) vs transformers' `generate` vs llama.cpp.
 
-SmolLM2-135M-Instruct (the embedded GGUF, dequantized to fp32 on both sides), one chat prompt,
-greedy, N new tokens (EOS ignored so both produce exactly N), median of R runs, both measured in this
-run on this machine. Prints a markdown table and writes JSON + PNG to bench/out/.
+SmolLM2-135M-Instruct (the embedded GGUF), one chat prompt, greedy, N new tokens (EOS ignored so
+every engine produces exactly N), median of R runs. Each engine runs in its own process, one after
+the other, so its peak RSS is its own (load, warm-up and the timed runs). Peers, when installed:
+transformers fp32 loading the same GGUF; llama-cpp-python on the bundled Q4_1 file and on a Q8_0
+requantization of it made with llama.cpp's own quantize API (an 8-bit peer for FP8). Prints a
+markdown table naming the machine and writes JSON + PNG to bench/out/.
 
-    .venv/bin/python bench/generate.py [--new-tokens 128] [--runs 3] [--schemes none,fp8]
+    .venv/bin/python bench/generate.py [--new-tokens 96] [--runs 3] [--schemes fp8,none] [--no-llama-cpp]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from engine import LLM, SamplingParams
-from engine.checkpoints.source import resolve_model
-
 OUT = Path(__file__).parent / "out"
 PROMPT = [{"role": "user", "content": "Explain in a few paragraphs why the sky is blue."}]
+WARMUP_TOKENS = 8
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    import torch
+
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def time_ours(scheme: str, new_tokens: int, runs: int) -> tuple[list[float], list[int]]:
-    llm = LLM("smollm2-135m-instruct", quantization=scheme, device="cpu")
-    ids = llm.tokenizer.apply_chat_template(PROMPT)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _time_runs(generate, new_tokens: int, runs: int) -> tuple[list[float], list[int]]:
     rates, tokens = [], []
     for _ in range(runs):
-        llm.engine.block_manager.enable_prefix_caching = False  # measure the prompt too, every run
         t0 = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": ids}], params)[0]
+        tokens = generate()
         rates.append(new_tokens / (time.perf_counter() - t0))
-        tokens = out.outputs[0].token_ids
     return rates, tokens
 
 
-def time_transformers(new_tokens: int, runs: int, prompt_ids: list[int]) -> tuple[list[float], list[int]]:
+def prompt_ids() -> list[int]:
+    from tokenizer import load_tokenizer
+    from engine.checkpoints.source import resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m-instruct").path).apply_chat_template(PROMPT)
+
+
+def worker_ours(scheme: str, new_tokens: int, runs: int) -> dict:
+    from engine import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM("smollm2-135m-instruct", quantization=scheme, device="cpu")
+    load_s = time.perf_counter() - t0
+    ids = llm.tokenizer.apply_chat_template(PROMPT)
+    llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS))
+    rss_after_warmup = _peak_rss_mb()
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+    def generate() -> list[int]:
+        llm.engine.block_manager.enable_prefix_caching = False  # measure the prompt too, every run
+        return llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids
+
+    rates, tokens = _time_runs(generate, new_tokens, runs)
+    return {"engine": f"fp8-turbo ({scheme})", "rates": rates, "tokens": tokens, "load_s": load_s,
+            "rss_load_mb": rss_after_warmup, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_transformers(new_tokens: int, runs: int) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM
 
+    from engine.checkpoints.source import resolve_model
+
+    ids = prompt_ids()
     path = resolve_model("smollm2-135m-instruct").path
+    t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    x = torch.tensor([prompt_ids])
+    load_s = time.perf_counter() - t0
+    x = torch.tensor([ids])
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(x, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
-        rates, tokens = [], []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            out = model.generate(x, **kwargs)
-            rates.append(new_tokens / (time.perf_counter() - t0))
-            tokens = out[0, len(prompt_ids):].tolist()
-    return rates, tokens
+        model.generate(x, **{**kwargs, "max_new_tokens": WARMUP_TOKENS, "min_new_tokens": WARMUP_TOKENS})
+        rss_after_warmup = _peak_rss_mb()
+        rates, tokens = _time_runs(lambda: model.generate(x, **kwargs)[0, len(ids):].tolist(), new_tokens, runs)
+    return {"engine": "transformers generate (fp32)", "rates": rates, "tokens": tokens, "load_s": load_s,
+            "rss_load_mb": rss_after_warmup, "peak_rss_mb": _peak_rss_mb()}
+
+
+def llama_cpp_file(kind: str) -> Path:
+    """The bundled Q4_1 GGUF, or its Q8_0 requantization (made once with llama.cpp's quantize API)."""
+    from engine.checkpoints.source import resolve_model
+
+    src = resolve_model("smollm2-135m-instruct").path
+    if kind == "Q4_1":
+        return src
+    import ctypes
+
+    import llama_cpp
+
+    dst = OUT / f"{src.stem.rsplit('.', 1)[0]}.Q8_0.gguf"
+    if not dst.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        params.nthread = os.cpu_count() or 1
+        tmp = dst.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError("llama_model_quantize failed")
+        tmp.rename(dst)
+    return dst
+
+
+def worker_llama_cpp(kind: str, new_tokens: int, runs: int) -> dict:
+    from llama_cpp import Llama, __version__
+
+    ids = prompt_ids()
+    path = llama_cpp_file(kind)
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def generate(n: int = new_tokens) -> list[int]:
+        out = []
+        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):  # greedy; EOS ignored like the others
+            out.append(tok)
+            if len(out) == n:
+                break
+        return out
+
+    generate(WARMUP_TOKENS)
+    rss_after_warmup = _peak_rss_mb()
+    rates, tokens = _time_runs(generate, new_tokens, runs)
+    size_mb = path.stat().st_size / 1e6
+    return {"engine": f"llama-cpp-python {__version__} ({kind}, {size_mb:.0f} MB)", "rates": rates, "tokens": tokens,
+            "load_s": load_s, "rss_load_mb": rss_after_warmup, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_worker(spec: str, args) -> dict | None:
+    """Run one engine in a child process (its own peak RSS); None when the peer is not installed."""
+    cmd = [sys.executable, __file__, "--worker", spec, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        print(f"  {spec}: skipped ({tail[0]})", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--schemes", default="none,fp8", help="comma-separated quantization schemes of ours")
+    ap.add_argument("--schemes", default="fp8,none", help="comma-separated quantization schemes of ours")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama-cpp-python out")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    rows = []
-    ours_tokens = {}
-    for scheme in args.schemes.split(","):
-        rates, toks = time_ours(scheme, args.new_tokens, args.runs)
-        ours_tokens[scheme] = toks
-        rows.append({"engine": f"fp8-turbo ({scheme})", "tok_s": statistics.median(rates), "runs": rates})
-    llm_ids = LLM("smollm2-135m-instruct", quantization="none", device="cpu").tokenizer.apply_chat_template(PROMPT)
-    rates, ref_tokens = time_transformers(args.new_tokens, args.runs, llm_ids)
-    rows.append({"engine": "transformers generate (fp32)", "tok_s": statistics.median(rates), "runs": rates})
-    base = rows[-1]["tok_s"]
-    for r in rows:
-        r["vs_transformers"] = r["tok_s"] / base
+    if args.worker:
+        kind, _, arg = args.worker.partition(":")
+        if kind == "ours":
+            result = worker_ours(arg, args.new_tokens, args.runs)
+        elif kind == "transformers":
+            result = worker_transformers(args.new_tokens, args.runs)
+        else:
+            result = worker_llama_cpp(arg, args.new_tokens, args.runs)
+        print(json.dumps(result))
+        return
 
-    print(f"\nSingle-stream decode, SmolLM2-135M-Instruct, {args.new_tokens} new tokens, median of {args.runs}")
-    print(f"machine: {machine()}\n")
-    print("| engine | tok/s (median) | runs | vs transformers |")
-    print("|---|---:|---|---:|")
+    specs = [f"ours:{s}" for s in args.schemes.split(",")] + ["transformers"]
+    if not args.no_llama_cpp:
+        specs += ["llama_cpp:Q8_0", "llama_cpp:Q4_1"]
+    rows = []
+    for spec in specs:
+        print(f"running {spec} ...", file=sys.stderr)
+        r = run_worker(spec, args)
+        if r is not None:
+            r["spec"], r["tok_s"] = spec, statistics.median(r["rates"])
+            rows.append(r)
+    by_spec = {r["spec"]: r for r in rows}
+    base = by_spec.get("transformers", {}).get("tok_s")
+    none = by_spec.get("ours:none", {}).get("tok_s")
     for r in rows:
-        runs = ", ".join(f"{x:.1f}" for x in r["runs"])
-        print(f"| {r['engine']} | {r['tok_s']:.1f} | {runs} | {r['vs_transformers']:.2f}x |")
-    if "none" in ours_tokens:
-        same = ours_tokens["none"] == ref_tokens
-        print(f"\nfp32 greedy tokens identical to transformers: {same}")
+        r["vs_transformers"] = r["tok_s"] / base if base else None
+        r["vs_ours_none"] = r["tok_s"] / none if none else None
+
+    where = machine()
+    print(f"\nSingle-stream decode, SmolLM2-135M-Instruct, chat prompt, {args.new_tokens} greedy tokens, "
+          f"median of {args.runs}\nmachine: {where}\n")
+    print("| engine | tok/s (median) | runs | vs transformers | vs ours none | load s | peak RSS MB |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    fmt = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
+    for r in rows:
+        runs = ", ".join(f"{x:.1f}" for x in r["rates"])
+        print(f"| {r['engine']} | {r['tok_s']:.1f} | {runs} | {fmt(r['vs_transformers'])} | {fmt(r['vs_ours_none'])} | "
+              f"{r['load_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    if "ours:none" in by_spec and "transformers" in by_spec:
+        same = by_spec["ours:none"]["tokens"] == by_spec["transformers"]["tokens"]
+        print(f"\nours none (fp32) greedy tokens identical to transformers: {same}")
+    if "ours:fp8" in by_spec and "ours:none" in by_spec:
+        saved = by_spec["ours:none"]["peak_rss_mb"] - by_spec["ours:fp8"]["peak_rss_mb"]
+        print(f"peak RSS, fp8 vs none: {saved:+.0f} MB saved")
 
     OUT.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "generate", "machine": machine(), "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows}
+    result = {"benchmark": "generate", "machine": where, "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows}
     (OUT / "generate.json").write_text(json.dumps(result, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh([r["engine"] for r in rows], [r["tok_s"] for r in rows], color=["#3b7dd8"] * (len(rows) - 1) + ["#999999"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    names = [r["engine"] for r in rows]
+    colors = ["#3b7dd8" if r["spec"].startswith("ours") else "#999999" for r in rows]
+    ax.barh(names, [r["tok_s"] for r in rows], color=colors)
     ax.set_xlabel("decode tokens/s (single stream, median)")
-    ax.set_title(f"SmolLM2-135M on {os.cpu_count()} CPU cores, {args.new_tokens} new tokens")
+    ax2.barh(names, [r["peak_rss_mb"] for r in rows], color=colors)
+    ax2.set_xlabel("peak RSS (MB)")
+    fig.suptitle(f"SmolLM2-135M, {args.new_tokens} new tokens; {where}", fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT / "generate.png", dpi=120)
     print(f"wrote {OUT / 'generate.json'} and {OUT / 'generate.png'}")

@@ -7,7 +7,7 @@ from per-request step timestamps. transformers: one left-padded `generate` call 
 prompts with max_new_tokens = the longest request (it cannot stop rows early), output tok/s counted
 on the tokens the requests asked for. Both run in this process, one after the other.
 
-    .venv/bin/python bench/throughput.py [--concurrency 1,8,32,64] [--max-tokens 64] [--scheme none]
+    .venv/bin/python bench/throughput.py [--concurrency 1,8,32,64] [--max-tokens 64] [--schemes fp8,none]
 """
 from __future__ import annotations
 
@@ -86,40 +86,51 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--scheme", default="none", help="our quantization scheme (transformers runs fp32)")
+    ap.add_argument("--schemes", "--scheme", default="fp8,none",
+                    help="comma-separated quantization schemes of ours (transformers runs fp32)")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
+    schemes = args.schemes.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
 
-    llm = LLM("smollm2-135m-instruct", quantization=args.scheme, device="cpu", max_num_seqs=64)
+    rows = [{"concurrency": n, "ours": {}, "transformers": None, "ratio": {}} for n in levels]
+    prompts: dict[int, list] = {}
+    for scheme in schemes:  # one engine at a time: each has the machine (and its memory) to itself
+        llm = LLM("smollm2-135m-instruct", quantization=scheme, device="cpu", max_num_seqs=64)
+        prompts = prompts or {n: make_prompts(llm, n, args.max_tokens) for n in levels}
+        run_ours(llm, make_prompts(llm, 2, 4))  # warm-up
+        for row in rows:
+            row["ours"][scheme] = run_ours(llm, prompts[row["concurrency"]])
+        print(f"{scheme}: KV capacity {llm.engine.kv_capacity_tokens} tokens ({llm.engine.kv_dtype})")
+        llm.shutdown()
+        del llm
     ref = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
 
         path = resolve_model("smollm2-135m-instruct").path
         ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    run_ours(llm, make_prompts(llm, 2, 4))  # warm-up
-    rows = []
-    for n in [int(c) for c in args.concurrency.split(",")]:
-        prompts = make_prompts(llm, n, args.max_tokens)
-        ours = run_ours(llm, prompts)
-        theirs = run_transformers(ref, prompts) if ref is not None else None
-        rows.append({"concurrency": n, "ours": ours, "transformers": theirs,
-                     "ratio": ours["tok_s"] / theirs["tok_s"] if theirs else None})
+        for row in rows:
+            row["transformers"] = run_transformers(ref, prompts[row["concurrency"]])
+            for scheme in schemes:
+                row["ratio"][scheme] = row["ours"][scheme]["tok_s"] / row["transformers"]["tok_s"]
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"\nThroughput, SmolLM2-135M-Instruct ({args.scheme}) on CPU, up to {args.max_tokens} new tokens per request")
+    print(f"\nThroughput, SmolLM2-135M-Instruct on CPU, up to {args.max_tokens} new tokens per request")
     print(f"machine: {machine}\n")
-    print("| clients | ours tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | transformers tok/s | ratio |")
-    print("|---:|---:|---|---|---:|---:|")
+    print("| clients | scheme | ours tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | transformers tok/s | ratio |")
+    print("|---:|---|---:|---|---|---:|---:|")
     for r in rows:
-        o, t = r["ours"], r["transformers"]
-        ref_s = f"{t['tok_s']:.1f}" if t else "-"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
-        print(f"| {r['concurrency']} | {o['tok_s']:.1f} | {o['ttft_p50']:.2f} / {o['ttft_p99']:.2f} | "
-              f"{1e3 * o['itl_p50']:.0f} / {1e3 * o['itl_p99']:.0f} | {ref_s} | {ratio} |")
+        t = r["transformers"]
+        for scheme in schemes:
+            o = r["ours"][scheme]
+            ref_s = f"{t['tok_s']:.1f}" if t else "-"
+            ratio = f"{r['ratio'][scheme]:.2f}x" if t else "-"
+            print(f"| {r['concurrency']} | {scheme} | {o['tok_s']:.1f} | {o['ttft_p50']:.2f} / {o['ttft_p99']:.2f} | "
+                  f"{1e3 * o['itl_p50']:.0f} / {1e3 * o['itl_p99']:.0f} | {ref_s} | {ratio} |")
 
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "throughput.json").write_text(json.dumps({"benchmark": "throughput", "machine": machine, "scheme": args.scheme,
+    (OUT / "throughput.json").write_text(json.dumps({"benchmark": "throughput", "machine": machine, "schemes": schemes,
                                                      "max_tokens": args.max_tokens, "rows": rows}, indent=2))
     import matplotlib
 
@@ -128,18 +139,18 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [r["concurrency"] for r in rows]
-    ax.plot(xs, [r["ours"]["tok_s"] for r in rows], "o-", label="fp8-turbo (continuous batching)")
+    for scheme in schemes:
+        ax.plot(xs, [r["ours"][scheme]["tok_s"] for r in rows], "o-", label=f"fp8-turbo {scheme} (continuous batching)")
     if ref is not None:
-        ax.plot(xs, [r["transformers"]["tok_s"] for r in rows], "s--", label="transformers generate (static batch)")
+        ax.plot(xs, [r["transformers"]["tok_s"] for r in rows], "s--", label="transformers fp32 generate (static batch)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output tokens/s")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title("SmolLM2-135M on CPU")
     fig.tight_layout()
     fig.savefig(OUT / "throughput.png", dpi=120)
     print(f"wrote {OUT / 'throughput.json'} and {OUT / 'throughput.png'}")
-    print("\nKV capacity (SmolLM2, this run's budget):", llm.engine.kv_capacity_tokens, "tokens", llm.engine.kv_dtype)
 
 
 if __name__ == "__main__":
