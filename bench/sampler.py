@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from engine.sampler import Sampler, SamplingRow, make_generator
+from engine.sampling.sampler import Sampler, SamplingRow, make_generator
 from engine.sampling.params import SamplingParams
 
 OUT = Path(__file__).parent / "out"
