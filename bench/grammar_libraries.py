@@ -12,6 +12,7 @@ Grammars: `person` (an object with nested object, array, enum, pattern and forma
 fields), `tool_call` (Llama 3.x `{"name": ..., "parameters": ...}` for one of two tools), `json_object`
 (any JSON object) and `choice` (a regex of 4 alternatives).
 
+    .venv/bin/pip install xgrammar   # the peer (llguidance is a dependency of the engine)
     .venv/bin/python bench/grammar_libraries.py [--runs 3]
 Prints a markdown table, writes bench/out/grammar_libraries.json and .png.
 """

@@ -5,9 +5,9 @@
     print(llm.generate(["Hello"], SamplingParams(max_tokens=32))[0].outputs[0].text)
 """
 from engine.core.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling.params import SamplingParams
+from engine.sampling.params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
 def __getattr__(name: str):

@@ -27,6 +27,7 @@ from engine.model.parallel import check_tensor_parallel
 from engine.core.outputs import RequestOutput
 from engine.core.request import Request, logprob_dict
 from engine.sampling.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
+from engine.sampling.structured import StructuredOutputs
 from engine.sampling.params import SamplingParams
 from engine.core.scheduler import ScheduledSeq, Scheduler
 from engine.core.sequence import Sequence
@@ -110,6 +111,7 @@ class LLMEngine:
                                                  max_bucket=config.max_graph_batch_size)
             self.runner.graphs.capture()
         self.sampler = Sampler(seed=config.seed)
+        self.structured = StructuredOutputs(self.tokenizer.hf, cfg.vocab_size, sorted(self.tokenizer.stop_token_ids))
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
         # Both capacities, so the effect of an FP8 cache is visible at start-up.
@@ -195,10 +197,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         seqs = []
         for i in range(params.n):
             generator = make_generator(params.seed + i, self.device) if params.seed is not None else None
             seq = Sequence(request_id, i, prompt_token_ids, params, generator)
+            seq.grammar = grammar.matcher() if grammar is not None else None
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs.append(None)  # the first prompt token has no prediction
             seqs.append(seq)
@@ -207,7 +211,8 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (PromptTooLongError for lengths) when a request cannot run; changes nothing."""
+        """Raise ValueError (PromptTooLongError for lengths, GrammarError for a structured-output spec
+        that does not compile) when a request cannot run; changes nothing but the grammar cache."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.model_config.vocab_size
@@ -225,6 +230,8 @@ class LLMEngine:
         if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n_prompt} tokens and max_tokens is {params.max_tokens}: "
                                      f"{n_prompt + params.max_tokens} tokens exceed max_model_len {self.max_model_len}")
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (no-op for unknown or finished ids)."""
@@ -234,8 +241,7 @@ class LLMEngine:
         request.aborted = True
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq)
-                seq.finish_reason = "abort"
+                self._finish(seq, "abort", None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -287,7 +293,7 @@ class LLMEngine:
         if step_logits.sample_seqs:
             seqs = [item.seq for item in step_logits.sample_seqs]
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                                self._eos_ids(s.params)) for s in seqs]
+                                self._eos_ids(s.params), s.grammar) for s in seqs]
             sampled = self.sampler(step_logits.sample_logits, rows)
             token_ids = sampled.token_ids.tolist()
             for seq, lp in zip(seqs, sampled.logprobs):
@@ -321,6 +327,10 @@ class LLMEngine:
         params = seq.params
         seq.output_token_ids.append(token)
         text = request.texts[seq.index]
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            logger.error("request %s: the grammar rejected token %d: %s", seq.request_id, token, seq.grammar.error)
+            self._finish(seq, "abort", None)
+            return
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.stop_token_ids):
             if len(seq.output_token_ids) >= params.min_tokens:
                 self._finish(seq, "stop", token)
@@ -328,6 +338,8 @@ class LLMEngine:
         stop = text.add(token)
         if stop is not None:
             self._finish(seq, "stop", stop)
+        elif seq.grammar is not None and seq.grammar.finished:
+            self._finish(seq, "stop", None)  # complete: only EOS could follow, so skip the step that samples it
         elif params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
             self._finish(seq, "length", None)
         elif seq.num_tokens >= self.max_model_len:
@@ -336,6 +348,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        if seq.grammar is not None:
+            seq.grammar.close()
+            seq.grammar = None
 
     def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
         targets = torch.tensor(seq.prompt_token_ids[first:first + logits.shape[0]], device=logits.device)

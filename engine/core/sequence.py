@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from engine.sampling.params import SamplingParams
+from engine.sampling.structured import GrammarMatcher
 
 _seq_ids = itertools.count()
 
@@ -34,6 +35,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.params = params
         self.generator = generator
+        self.grammar: GrammarMatcher | None = None  # structured outputs: advanced by every kept token
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0

@@ -1,7 +1,9 @@
 """Per-request sampling options, with vLLM's names and the ranges of the served API (seed-api.txt)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 _SEED_LIMIT = 2**63
 _GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (vLLM's _SAMPLING_EPS)
@@ -20,6 +22,73 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's names); set exactly one field.
+
+    json: a JSON Schema (dict, or its text); json_object: any JSON object; regex: the whole output
+    matches it; choice: the output is one of these strings; grammar: a context-free grammar in Lark
+    or GBNF (llama.cpp's EBNF) syntax. JSON is written in one line with ", " and ": " separators.
+    Enforced by engine/sampling/structured.py (llguidance), which is imported on first use.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # Derived in __post_init__: (kind, text), what a compiled grammar is cached under.
+    key: tuple[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in _STRUCTURE_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(_STRUCTURE_KINDS)}; "
+                             f"got {', '.join(kinds) or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(schema, dict):
+                raise ValueError(f"structured_outputs.json must be a JSON Schema object, got {self.json!r:.80}")
+        elif self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(f"structured_outputs.json must be a JSON Schema (dict or str), got {self.json!r:.80}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r:.80}")
+        if self.choice is not None:
+            if (isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                                 f"got {self.choice!r:.80}")
+            self.choice = list(self.choice)
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+        self.key = (kinds[0], _spec_text(kinds[0], getattr(self, kinds[0])))
+
+    @property
+    def kind(self) -> str:
+        """Which field is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return self.key[0]
+
+
+def _spec_text(kind: str, value: Any) -> str:
+    if kind == "json":
+        schema = json.loads(value) if isinstance(value, str) else value
+        try:
+            return json.dumps(schema, ensure_ascii=False)  # key order kept: it is the output's order
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"structured_outputs.json is not JSON-serializable: {e}") from None
+    if kind == "choice":
+        return json.dumps(value, ensure_ascii=False)
+    return "" if kind == "json_object" else value
+
+
+_STRUCTURE_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 @dataclass(slots=True)
@@ -50,6 +119,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow
     # Derived in __post_init__.
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -91,6 +161,9 @@ class SamplingParams:
                 if not _is_int(token) or token < 0:
                     raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
                 _check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -1,6 +1,8 @@
 """The sampler: one step's logits -> one token per sequence, for a batch whose rows all differ.
 
 What happens to a row's logits, in this order (each step acts on the result of the one before):
+  0. structured outputs: tokens the row's grammar forbids get -inf (only rows with a grammar pay;
+     see engine/sampling/structured.py).
   1. logit_bias is added; while fewer than `min_tokens` tokens were generated, the row's stop ids
      (`params.stop_token_ids`, plus its EOS ids unless `ignore_eos`) are masked to -inf.
   2. repetition_penalty, over prompt and generated tokens: a seen token's logit is divided by the
@@ -41,6 +43,7 @@ from engine.sampling.ops import (
     top_k_of_rows,
 )
 from engine.sampling.params import SamplingParams
+from engine.sampling.structured import GrammarMatcher, apply_bitmask, fill_bitmask
 
 _TOP_K_WIDTHS = (64, 256, 1000)  # top_k rows are grouped by the smallest of these that holds their k
 _RANK_WINDOW = 20  # compute_logprobs counts exactly only for tokens outside a row's best 20
@@ -63,10 +66,16 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None  # None: the sampler's shared generator
     eos_token_ids: Sequence[int] = ()  # the model's EOS ids, masked with stop_token_ids during min_tokens
+    grammar: GrammarMatcher | None = None  # the row's structured-output matcher
 
     def min_tokens_blocked_ids(self) -> list[int]:
-        """Token ids that may not be drawn yet because fewer than min_tokens were generated."""
+        """Token ids that may not be drawn yet because fewer than min_tokens were generated.
+
+        None once the row's grammar is complete: the grammar decides where a structured output ends.
+        """
         if len(self.output_token_ids) >= self.params.min_tokens:
+            return []
+        if self.grammar is not None and self.grammar.finished:
             return []
         blocked = list(self.params.stop_token_ids or [])
         if not self.params.ignore_eos:
@@ -193,6 +202,9 @@ def processed_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     without building it. Leaves `logits` unchanged.
     """
     x = logits.float().clone()
+    constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+    if constrained:
+        apply_bitmask(x, constrained, fill_bitmask([rows[i].grammar for i in constrained]))
     apply_logit_bias_and_min_tokens(x, rows)
     apply_penalties(x, rows)
     device = x.device
@@ -242,12 +254,19 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         logits = logits.float().contiguous()
         device = logits.device
+        # 0, first half: the grammars' masks, filled on the CPU before anything here waits for the
+        # device (so on a GPU this overlaps the forward pass); only rows with a grammar pay.
+        constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+        bitmask = fill_bitmask([rows[i].grammar for i in constrained]) if constrained else None
 
         want_logprobs = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         raw_logits = None  # a copy of the rows that want logprobs, before anything changes them
         if want_logprobs:
             raw_logits = logits.clone() if len(want_logprobs) == len(rows) else _rows(logits, want_logprobs)
 
+        # 0, second half: applied after the raw copy (logprobs stay the model's).
+        if bitmask is not None:
+            apply_bitmask(logits, constrained, bitmask)
         # 1-3: sparse edits, only where some row asks for them.
         if any(row.params.logit_bias or row.min_tokens_blocked_ids() for row in rows):
             apply_logit_bias_and_min_tokens(logits, rows)
