@@ -202,7 +202,7 @@ def test_llama3_stop_tokens_without_generation_config(llama3_dir, tmp_path):
         ("hello", "messages must be a list"),
         ([{"role": "user", "content": "a"}, "b"], r"messages\[1\] must be a dict"),
         ([{"role": "robot", "content": "a"}],
-         r"messages\[0\]\.role must be one of system, user, assistant, tool; got 'robot'"),
+         r"messages\[0\]\.role must be one of system, developer, user, assistant, tool; got 'robot'"),
         ([{"content": "a"}], r"messages\[0\]\.role must be one of"),
         ([{"role": "user", "content": 5}], r"messages\[0\]\.content must be a string or a list of text parts, got int"),
         ([{"role": "user"}], r"messages\[0\]\.content is required for role 'user'"),
@@ -251,3 +251,10 @@ def test_template_errors_are_value_errors(llama3_dir, tmp_path):
     assert tok.render_chat([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]) == "ab"
     with pytest.raises(ValueError, match="cannot render these messages: System message must come first"):
         tok.render_chat([{"role": "user", "content": "b"}, {"role": "system", "content": "a"}])
+
+
+def test_developer_role_is_system(smol):
+    """OpenAI's `developer` role (newer clients send it for instructions) renders exactly as `system`."""
+    user = {"role": "user", "content": "Hi"}
+    assert (smol.render_chat([{"role": "developer", "content": "Be terse."}, user])
+            == smol.render_chat([{"role": "system", "content": "Be terse."}, user]))

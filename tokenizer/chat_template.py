@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 
 # How the model is asked to call tools: the Llama 3.x JSON form that `parse_tool_calls` reads.
 TOOL_INSTRUCTIONS = (
@@ -81,6 +81,8 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
     if role not in ROLES:
         raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}")
     out = dict(message)
+    if role == "developer":
+        out["role"] = role = "system"
     tool_calls = message.get("tool_calls")
     if tool_calls is not None:
         if role != "assistant":
