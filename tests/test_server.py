@@ -150,7 +150,7 @@ def test_out_of_range_parameters(server, client, field, value):
     ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
     (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
-    (chat(response_format={"type": "json_object"}), "response_format.type"),
+    (chat(response_format={"type": "xml"}), "response_format.type"),
     (chat(max_tokens=600), "messages"),
 ])
 def test_bad_requests(server, body, param):
@@ -208,12 +208,14 @@ def seed_headers(token: str = "unused-token") -> dict:
 
 
 def check_completion_shape(body: dict) -> None:
-    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(body) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion" and body["model"] == MODEL
-    assert isinstance(body["created"], int)
+    assert isinstance(body["created"], int) and body["system_fingerprint"].startswith("fp_")
     [choice] = body["choices"]
-    assert set(choice) == {"index", "message", "finish_reason"} and choice["index"] == 0
-    assert set(choice["message"]) == {"role", "content"} and choice["message"]["role"] == "assistant"
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason"} and choice["index"] == 0
+    assert choice["logprobs"] is None  # present and null when not asked for, as OpenAI answers
+    assert set(choice["message"]) == {"role", "content", "refusal"} and choice["message"]["role"] == "assistant"
+    assert choice["message"]["refusal"] is None
     assert choice["finish_reason"] in ("stop", "length")
     u = body["usage"]
     assert set(u) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"}
@@ -231,13 +233,15 @@ def check_stream_shape(raw: str) -> list[dict]:
     payloads = sse_events(raw)
     chunks = [json.loads(p) for p in payloads[:-1]]
     for c in chunks:
-        assert set(c) == {"id", "object", "created", "model", "choices"} and c["object"] == "chat.completion.chunk"
+        assert set(c) == {"id", "object", "created", "model", "system_fingerprint", "choices"}
+        assert c["object"] == "chat.completion.chunk" and c["system_fingerprint"] == chunks[0]["system_fingerprint"]
         assert c["id"] == chunks[0]["id"] and c["model"] == MODEL
         [choice] = c["choices"]
-        assert set(choice) == {"index", "delta", "finish_reason"}
+        assert set(choice) == {"index", "delta", "logprobs", "finish_reason"} and choice["logprobs"] is None
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": chunks[-1]["choices"][0]["finish_reason"]}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": chunks[-1]["choices"][0]["finish_reason"]}
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     return chunks
 
@@ -323,6 +327,10 @@ def test_completions_errors(server):
 
 def test_models_health_metrics(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
+    card = client.models.retrieve(MODEL)  # GET /v1/models/{id}; this id has a "/" in it
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w5"}], max_tokens=3)
     m = server.wait_idle()

@@ -5,6 +5,8 @@ Llama 3.x models call custom tools by answering with JSON objects
 after `<|python_tag|>`, several separated by ";" or newlines, or as one JSON list; some models wrap
 them in a ```json fence. Anything else -- prose, prose around JSON, malformed JSON, JSON that is not
 a call -- is not a tool call, and stays content.
+
+`call_schema` is the same form as a JSON Schema, for grammars that make the model call a tool.
 """
 from __future__ import annotations
 
@@ -29,6 +31,18 @@ class ToolCall:
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
+    """JSON Schema of one call, in the form above, to one of `functions` (OpenAI function definitions:
+    {"name", "description", "parameters"}), its arguments following the function's parameters schema
+    (a function without one takes no arguments)."""
+    options = []
+    for function in functions:
+        parameters = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+        options.append({"type": "object", "properties": {"name": {"const": function["name"]}, "parameters": parameters},
+                        "required": ["name", "parameters"], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def parse_tool_calls(text: str) -> list[ToolCall] | None:

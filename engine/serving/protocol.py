@@ -10,10 +10,10 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine.core.outputs import Logprob
-from engine.sampling.params import SamplingParams
+from engine.sampling.params import SamplingParams, StructuredOutputsParams
 
 Number = float  # strict mode still takes ints here (and refuses bools and strings)
 _TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "list[str]", "list[int]", "list[list[int]]", "none"}
@@ -54,8 +54,31 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, strict or not
+    description: str | None = None
+
+
 class ResponseFormat(_Request):
-    type: Literal["text"] = "text"
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` extra parameter (its fields are StructuredOutputsParams')."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def params(self) -> StructuredOutputsParams:
+        """Raises ValueError naming the field when the combination is not one constraint."""
+        return StructuredOutputsParams(json=self.json_, regex=self.regex, choice=self.choice, grammar=self.grammar,
+                                       json_object=self.json_object)
 
 
 class _SamplingFields(_Request):
@@ -81,9 +104,10 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     logit_bias: dict[str, Number] | None = None
     stop_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """Raises ValueError (naming field, value and range) for out-of-range values."""
         bias = None
         if self.logit_bias:
@@ -97,6 +121,7 @@ class _SamplingFields(_Request):
             repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured_outputs,
         )
 
     @property
@@ -131,8 +156,10 @@ def usage(prompt_tokens: int, completion_tokens: int, price_input_per_m: float, 
             "total_tokens": prompt_tokens + completion_tokens, "estimated_cost": round(cost, 10)}
 
 
-def envelope(id: str, object: str, model: str, created: int | None = None) -> dict[str, Any]:
-    return {"id": id, "object": object, "created": created or int(time.time()), "model": model}
+def envelope(id: str, object: str, model: str, created: int | None = None,
+             system_fingerprint: str | None = None) -> dict[str, Any]:
+    return {"id": id, "object": object, "created": created or int(time.time()), "model": model,
+            "system_fingerprint": system_fingerprint}
 
 
 def _token_bytes(text: str) -> list[int]:
@@ -197,14 +224,15 @@ def pydantic_error(exc: Any) -> APIError:
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "min_p", "top_k", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop_token_ids", "logit_bias",
-                   "logprobs", "prompt_logprobs")
+                   "logprobs", "prompt_logprobs", "structured_outputs")
 
 
 def value_error(e: ValueError, default_param: str | None = None) -> APIError:
     """A ValueError from validation as a 400; the param is the field its message starts with."""
     message = str(e)
     first = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
-    param = first if first in SAMPLING_FIELDS or first.startswith(("messages", "tools")) else default_param
+    in_field = first.split(".", 1)[0] in SAMPLING_FIELDS  # "structured_outputs.json: ..." too
+    param = first if in_field or first.startswith(("messages", "tools")) else default_param
     if first == "messages" or message.startswith("messages["):
         param = message.split(" ", 1)[0].rstrip(":")
     return APIError(400, message, param=param, code="invalid_value")

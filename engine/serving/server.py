@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -41,8 +42,10 @@ from engine.serving.protocol import (
     API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M, APIError, ChatCompletionRequest, CompletionRequest,
     _SamplingFields, chat_logprobs, completion_logprobs, envelope, new_id, pydantic_error, usage, value_error,
 )
-from engine.sampling.params import SamplingParams
-from tokenizer import parse_tool_calls
+from engine.sampling.params import SamplingParams, StructuredOutputsParams
+from engine.sampling.structured import GrammarError
+from engine.serving.structure import Structure, chat_structure, completion_structure
+from tokenizer import ToolCall, parse_tool_calls
 
 logger = logging.getLogger("fp8_turbo")
 
@@ -109,6 +112,10 @@ class OpenAIServer:
         # Templating, tokenization, detokenization and big JSON bodies: off the event loop, and off the
         # default executor that runs the engine's steps.
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-turbo-tokenize")
+        # Names the configuration that produced an answer (OpenAI's system_fingerprint): model, weights, KV cache.
+        config = engine.config
+        configuration = f"{config.model}|{config.quantization}|{config.kv_cache_dtype}|{engine.dtype}"
+        self.system_fingerprint = "fp_" + hashlib.sha256(configuration.encode()).hexdigest()[:10]
 
     # ---- request plumbing -----------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -139,14 +146,26 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     def sampling_params(self, req: _SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None, max_tokens_param: str = "max_tokens") -> SamplingParams:
+                        prompt_logprobs: int | None = None, max_tokens_param: str = "max_tokens",
+                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
         try:
-            return req.sampling_params(max_tokens, logprobs, prompt_logprobs)
+            return req.sampling_params(max_tokens, logprobs, prompt_logprobs, structured)
         except ValueError as e:
             error = value_error(e)
             if error.param == "max_tokens" and max_tokens_param != "max_tokens":  # the field the client sent
                 error.param, error.message = max_tokens_param, error.message.replace("max_tokens", max_tokens_param, 1)
             raise error from None
+
+    def check_grammar(self, structure: Structure) -> None:
+        """Compile (and cache) the request's grammar now, so an invalid or unsupported one is a 400 naming
+        its field. In a worker thread: the first grammar builds llguidance's tokenizer."""
+        if structure.params is None:
+            return
+        try:
+            self.engine.structured.compile(structure.params)
+        except GrammarError as e:
+            param = structure.param
+            raise APIError(400, f"{param}: {e.detail}", param=param, code="invalid_value") from None
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
@@ -190,32 +209,28 @@ class OpenAIServer:
                     raise APIError(499, "the client closed the connection", code="client_closed")
         return final
 
-    # ---- chat completions -----------------------------------------------------------------------
-    def _tools(self, req: ChatCompletionRequest) -> list[dict] | None:
-        choice = req.tool_choice
-        if isinstance(choice, dict) or (choice is not None and choice not in ("none", "auto")):
-            raise APIError(400, f"tool_choice {choice!r} is not supported: use 'none' or 'auto'",
-                           param="tool_choice", code="unsupported_value")
-        if not req.tools or choice == "none":
-            return None
-        return req.tools
+    def envelope(self, request_id: str, object: str, model: str, created: int | None = None) -> dict[str, Any]:
+        return envelope(request_id, object, model, created, self.system_fingerprint)
 
-    def _chat_prompt(self, req: ChatCompletionRequest, tools: list[dict] | None, params: SamplingParams) -> list[int]:
-        """Template and tokenize (in a worker thread: a 4 MB conversation takes seconds), then check the fit."""
+    def _chat_prompt(self, req: ChatCompletionRequest, structure: Structure, params: SamplingParams) -> list[int]:
+        """Template and tokenize (in a worker thread: a 4 MB conversation takes seconds), compile the
+        grammar if any (its first one builds llguidance's tokenizer, ~1-2 s), then check the fit."""
         try:
-            prompt_ids = self.tokenizer.apply_chat_template(req.messages, tools=tools)
+            prompt_ids = self.tokenizer.apply_chat_template(req.messages, tools=structure.tools)
         except ValueError as e:
             raise value_error(e, "messages") from None
+        self.check_grammar(structure)
         self.check_fits(prompt_ids, params, "messages")
         return prompt_ids
 
+    # ---- chat completions -----------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         self.authorize(request)
         req: ChatCompletionRequest = self.parse(ChatCompletionRequest, await self.read_json(request))
         self.check_model(req.model)
         self.limits.check_request(req.n, req.stop, req.stop_token_ids)
-        tools = self._tools(req)
+        structure = chat_structure(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
@@ -226,57 +241,59 @@ class OpenAIServer:
             max_tokens, max_tokens_param = req.max_completion_tokens, "max_completion_tokens"
         else:
             max_tokens, max_tokens_param = req.max_tokens, "max_tokens"
-        params = self.sampling_params(req, max_tokens, logprobs, max_tokens_param=max_tokens_param)
-        prompt_ids = await self.run_blocking(self._chat_prompt, req, tools, params)
+        params = self.sampling_params(req, max_tokens, logprobs, max_tokens_param=max_tokens_param,
+                                      structured=structure.params)
+        prompt_ids = await self.run_blocking(self._chat_prompt, req, structure, params)
         request_id = new_id("chatcmpl")
         self.submit([request_id], [prompt_ids], params, "messages")
         self.metrics.prompt_tokens += len(prompt_ids)
         model = req.model or self.model_name
         if req.stream:
-            stream = self._chat_stream(request_id, model, prompt_ids, params, tools is not None, req.include_usage,
-                                       arrival)
+            stream = self._chat_stream(request_id, model, prompt_ids, params, structure, req.include_usage, arrival)
             return self.stream_response(stream, request_id)
 
         try:
             final = await self.run_to_end(request, request_id, arrival)
         finally:
             self.aengine.release(request_id)  # (a no-op unless it never started)
-        choices = [self._chat_choice(c, tools is not None, logprobs) for c in final.outputs]
+        choices = [self._chat_choice(c, structure, logprobs) for c in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-        body = envelope(request_id, "chat.completion", model)
+        body = self.envelope(request_id, "chat.completion", model)
         body["choices"] = choices
         body["usage"] = self.usage(len(prompt_ids), completion_tokens)
         return JSONResponse(body)
 
     @staticmethod
-    def _chat_choice(c: CompletionOutput, tools_on: bool, top_logprobs: int | None) -> dict:
-        calls = parse_tool_calls(c.text) if tools_on else None
+    def _chat_choice(c: CompletionOutput, structure: Structure, top_logprobs: int | None) -> dict:
+        calls = _tool_calls(c.text, structure)
         if calls:
-            message = {"role": "assistant", "content": None, "tool_calls": [call.to_openai() for call in calls]}
+            message = {"role": "assistant", "content": None, "refusal": None,
+                       "tool_calls": [call.to_openai() for call in calls]}
         else:
-            message = {"role": "assistant", "content": c.text}
-        choice: dict[str, Any] = {"index": c.index, "message": message}
+            message = {"role": "assistant", "content": c.text, "refusal": None}
+        choice: dict[str, Any] = {"index": c.index, "message": message, "logprobs": None}
         if top_logprobs is not None:
             choice["logprobs"] = chat_logprobs(c.logprobs or [], c.token_ids, top_logprobs)
         choice["finish_reason"] = "tool_calls" if calls else _finish_reason(c)
         return choice
 
     async def _chat_stream(self, request_id: str, model: str, prompt_ids: list[int], params: SamplingParams,
-                           tools_on: bool, include_usage: bool, arrival: float) -> AsyncIterator[str]:
+                           structure: Structure, include_usage: bool, arrival: float) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[dict], **extra: Any) -> str:
-            body = {**envelope(request_id, "chat.completion.chunk", model, created), "choices": choices, **extra}
+            body = {**self.envelope(request_id, "chat.completion.chunk", model, created), "choices": choices, **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         sent_chars = [0] * params.n  # text already sent, per choice
         sent_tokens = [0] * params.n  # tokens whose logprobs were sent
-        holding = [tools_on] * params.n  # text that may be a tool call is held until the end
+        holding = [structure.parses_tool_calls] * params.n  # text that may be a tool call is held until the end
         done = [False] * params.n
         timing = _Timing(self.metrics, arrival)
         completion_tokens = 0
         for i in range(params.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
         try:
             async with aclosing(self.aengine.stream(request_id)) as outputs:
                 async for out in outputs:
@@ -288,15 +305,16 @@ class OpenAIServer:
                         if holding[i] and not _may_be_tool_call(c.text):
                             holding[i] = False  # plainly prose: stream it
                         finished = c.finish_reason is not None
-                        calls = parse_tool_calls(c.text) if finished and holding[i] else None
+                        calls = _tool_calls(c.text, structure) if finished and holding[i] else None
                         if calls:
                             deltas = [{"index": k, **call.to_openai()} for k, call in enumerate(calls)]
-                            yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "finish_reason": None}])
+                            yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                          "finish_reason": None}])
                         elif not holding[i] or finished:
                             text = c.text[sent_chars[i]:]
                             new_tokens = len(c.token_ids) > sent_tokens[i]
                             if text or (params.logprobs is not None and new_tokens and finished):
-                                choice: dict[str, Any] = {"index": i, "delta": {"content": text}}
+                                choice: dict[str, Any] = {"index": i, "delta": {"content": text}, "logprobs": None}
                                 if params.logprobs is not None:
                                     choice["logprobs"] = chat_logprobs(c.logprobs[sent_tokens[i]:],
                                                                        c.token_ids[sent_tokens[i]:], params.logprobs)
@@ -308,7 +326,7 @@ class OpenAIServer:
                             done[i] = True
                             completion_tokens += len(c.token_ids)
                             reason = "tool_calls" if calls else _finish_reason(c)
-                            yield chunk([{"index": i, "delta": {}, "finish_reason": reason}])
+                            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
             if include_usage:
                 yield chunk([], usage=self.usage(len(prompt_ids), completion_tokens))
         except Exception as e:  # noqa: BLE001 -- one failing request answers an error event, never kills the server
@@ -339,9 +357,11 @@ class OpenAIServer:
                 out.append((None, list(p)))
         return out
 
-    def _completion_prompts(self, req: CompletionRequest, params: SamplingParams) -> list[tuple[str | None, list[int]]]:
-        """Tokenize (in a worker thread) and check that every prompt fits."""
+    def _completion_prompts(self, req: CompletionRequest, structure: Structure,
+                            params: SamplingParams) -> list[tuple[str | None, list[int]]]:
+        """Tokenize (in a worker thread), compile the grammar if any, and check that every prompt fits."""
         prompts = self._prompts(req)
+        self.check_grammar(structure)
         for _, ids in prompts:
             self.check_fits(ids, params, "prompt")
         return prompts
@@ -360,8 +380,9 @@ class OpenAIServer:
         if req.stream and num_prompts != 1:
             raise APIError(400, "streaming takes one prompt", param="prompt", code="unsupported_value")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
-        prompts = await self.run_blocking(self._completion_prompts, req, params)
+        structure = completion_structure(req)
+        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs, structured=structure.params)
+        prompts = await self.run_blocking(self._completion_prompts, req, structure, params)
         request_id = new_id("cmpl")
         request_ids = [request_id] if req.stream else [f"{request_id}-{p}" for p in range(len(prompts))]
         self.submit(request_ids, [ids for _, ids in prompts], params, "prompt")
@@ -391,7 +412,7 @@ class OpenAIServer:
             return choices, completion_tokens, prompt_tokens
 
         choices, completion_tokens, prompt_tokens = await self.run_blocking(build_choices)
-        body = envelope(request_id, "text_completion", model)
+        body = self.envelope(request_id, "text_completion", model)
         body["choices"] = choices
         body["usage"] = self.usage(prompt_tokens, completion_tokens)
         return JSONResponse(body)
@@ -416,7 +437,7 @@ class OpenAIServer:
         _, prompt_ids = prompt
 
         def chunk(choices: list[dict], **extra: Any) -> str:
-            body = {**envelope(request_id, "text_completion", model, created), "choices": choices, **extra}
+            body = {**self.envelope(request_id, "text_completion", model, created), "choices": choices, **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         sent = [0] * params.n
@@ -446,11 +467,19 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
     # ---- the rest -------------------------------------------------------------------------------
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fp8-turbo",
+                "max_model_len": self.engine.max_model_len}
+
     async def models(self, request: Request) -> Response:
         self.authorize(request)
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fp8-turbo",
-                "max_model_len": self.engine.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{model}: the card of the served model, 404 for any other name."""
+        self.authorize(request)
+        self.check_model(request.path_params["model"])
+        return JSONResponse(self.model_card())
 
     async def health(self, request: Request) -> Response:
         try:
@@ -480,6 +509,14 @@ def _may_be_tool_call(text: str) -> bool:
     """Whether `text` is empty or begins like a tool call ("<|pyt" may still become "<|python_tag|>")."""
     head = text.lstrip()
     return any(head.startswith(start) or start.startswith(head) for start in _TOOL_CALL_STARTS)
+
+
+def _tool_calls(text: str, structure: Structure) -> list[ToolCall] | None:
+    """The calls `text` consists of when the request offered tools (only the first without parallel_tool_calls)."""
+    if not structure.parses_tool_calls:
+        return None
+    calls = parse_tool_calls(text)
+    return calls[:1] if calls and not structure.parallel_tool_calls else calls
 
 
 def _finish_reason(c: CompletionOutput) -> str:
@@ -525,6 +562,8 @@ def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None 
     app.add_api_route("/v1/openai/completions", route("completions", server.completions), methods=["POST"])
     app.add_api_route("/v1/models", route("models", server.models), methods=["GET"])
     app.add_api_route("/v1/openai/models", route("models", server.models), methods=["GET"])
+    for path in ("/v1/models/{model:path}", "/v1/openai/models/{model:path}"):
+        app.add_api_route(path, route("models", server.model), methods=["GET"])
     app.add_api_route("/health", route(None, server.health), methods=["GET"])
     app.add_api_route("/metrics", route(None, server.metrics_text), methods=["GET"])
 
