@@ -234,8 +234,8 @@ def test_the_grammar_decides_where_the_output_ends(llm):
     """min_tokens and ignore_eos do not push a complete structured output past its end."""
     spec = structured(choice=["yes", "no"])
     for extra in (dict(min_tokens=5), dict(ignore_eos=True)):
-        out = llm.generate(["Is water wet? Answer:"], SamplingParams(temperature=0, max_tokens=8, structured_outputs=spec,
-                                                                       **extra))[0].outputs[0]
+        params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=spec, **extra)
+        out = llm.generate(["Is water wet? Answer:"], params)[0].outputs[0]
         assert out.text in ("yes", "no") and out.finish_reason == "stop", (extra, out.text)
 
 

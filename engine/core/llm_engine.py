@@ -111,7 +111,8 @@ class LLMEngine:
                                                  max_bucket=config.max_graph_batch_size)
             self.runner.graphs.capture()
         self.sampler = Sampler(seed=config.seed)
-        self.structured = StructuredOutputs(self.tokenizer.hf, cfg.vocab_size, sorted(self.tokenizer.stop_token_ids))
+        self.structured = StructuredOutputs(self.tokenizer.hf, cfg.vocab_size,
+                                            sorted(self.tokenizer.stop_token_ids))  # grammars, built on first use
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
         # Both capacities, so the effect of an FP8 cache is visible at start-up.
