@@ -32,7 +32,7 @@ ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON with name, 
 def llm():
     from engine import LLM
 
-    return LLM("smollm2-135m-instruct", device="cpu")
+    return LLM("smollm2-135m-instruct", device="cpu", kv_cache_memory_bytes=128 << 20)  # ~2800 tokens
 
 
 @pytest.fixture(scope="module")
