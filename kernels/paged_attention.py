@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, use_triton
+from kernels.cpu import attention as cpu_attention
 from kernels.fp8 import FP8_DTYPE
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,7 +202,8 @@ def paged_attention_prefill_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch reference (the CPU production path: gather blocks, then batched attention in fp32)
+# torch reference (the CPU path where our C++ kernel (kernels/cpu/attention.py) does not take the call:
+# gather blocks, then batched attention in fp32)
 # ----------------------------------------------------------------------------------------------------
 def _gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, scale: float) -> torch.Tensor:
     """cache [num_blocks, bs, KVH, D], block_ids [..., nb] -> fp32 [..., nb * bs, KVH, D] (dequantized)."""
@@ -418,6 +420,8 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
     if use_triton(q) and q.shape[0] > 0:
         return paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
                                              max_seq_len=max_seq_len)
+    if not use_triton(q) and cpu_attention.supports(q, k_cache):  # batch-invariant C++ kernel
+        return cpu_attention.paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
     return paged_attention_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
 
 
@@ -434,5 +438,8 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
     if use_triton(q) and q.shape[0] > 0:
         return paged_attention_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
                                               k_scale, v_scale, max_query_len=max_query_len)
+    if not use_triton(q) and cpu_attention.supports(q, k_cache):
+        return cpu_attention.paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                                                     k_scale, v_scale)
     return paged_attention_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
                                              k_scale, v_scale)

@@ -1,0 +1,273 @@
+// CPU paged attention (decode and prefill) over the block-table KV cache, batch-invariant: every
+// query row (token, head) is computed by one function in a fixed order over its cached keys
+// (attention_kernel.h), so it is bit-identical whatever the batch, the chunking of its prompt,
+// decode vs prefill, the thread count or the instruction set. Built and loaded by kernels/cpu/build.py;
+// the Python API is kernels/cpu/attention.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#define FP8T_INLINE inline __attribute__((always_inline))  // see gemm.cpp: no out-of-line calls from AVX code
+
+namespace fp8t {
+
+enum KvType { KV_E4M3 = 0, KV_BF16 = 1, KV_F32 = 2 };
+enum Isa { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+FP8T_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+FP8T_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+FP8T_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+}
+
+// 2^f on [-0.5, 0.5]: Taylor coefficients ln(2)^k / k!, k = 0..7 (truncation < 2^-27 relative).
+constexpr float kExp2Poly[8] = {1.0f, 0.693147180559945309f, 0.240226506959100712f, 0.0555041086648215800f,
+                                0.00961812910762847716f, 0.00133335581464284434f, 1.54035303933816099e-4f,
+                                1.52527338040598403e-5f};
+
+// e4m3 byte -> value * 2^-8, as vec8.h's vector code decodes it (the portable V8 reads this table).
+struct E4m3ScaledTable {
+  float v[256];
+  E4m3ScaledTable() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 0xF, m = b & 7;
+      const float mag = e == 0 ? std::ldexp(float(m), -17) : std::ldexp(float(8 + m), e - 18);
+      v[b] = (b & 0x80) ? -mag : mag;
+    }
+  }
+};
+static const E4m3ScaledTable kE4m3Scaled;
+
+struct Attn {
+  int64_t D = 0;
+  float qk_scale = 1.0f;  // sm_scale * k_scale * log2(e), * 256 for e4m3 keys
+  float v_scale = 1.0f;   // v_scale, * 256 for e4m3 values
+};
+
+}  // namespace fp8t
+
+namespace fp8t::portable {
+#define FP8T_ISA 0
+#include "vec8.h"
+#include "vec8_math.h"
+#include "attention_kernel.h"
+#undef FP8T_ISA
+}  // namespace fp8t::portable
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace fp8t::avx2 {
+#define FP8T_ISA 1
+#include "vec8.h"
+#include "vec8_math.h"
+#include "attention_kernel.h"
+#undef FP8T_ISA
+}  // namespace fp8t::avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma,f16c")
+namespace fp8t::avx512 {
+#define FP8T_ISA 2
+#include "vec8.h"
+#include "vec8_math.h"
+#include "attention_kernel.h"
+#undef FP8T_ISA
+}  // namespace fp8t::avx512
+#pragma GCC pop_options
+
+namespace fp8t {
+
+int best_isa() {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return ISA_AVX512;
+  return avx2 ? ISA_AVX2 : ISA_PORTABLE;
+}
+
+using AttendFn = void (*)(const Attn&, const float* const*, int64_t, const void* const*, const void* const*,
+                          float* const*, float* const*);
+
+template <int KV>
+static AttendFn attend_fn(int isa, int rows) {
+#define FP8T_ROWS(NS)                                 \
+  switch (rows) {                                     \
+    case 1: return &NS::attend_rows<1, KV>;           \
+    case 2: return &NS::attend_rows<2, KV>;           \
+    case 3: return &NS::attend_rows<3, KV>;           \
+    default: return &NS::attend_rows<4, KV>;          \
+  }
+  if (isa == ISA_AVX512) { FP8T_ROWS(avx512) }
+  if (isa == ISA_AVX2) { FP8T_ROWS(avx2) }
+  FP8T_ROWS(portable)
+#undef FP8T_ROWS
+}
+
+static AttendFn attend_fn(int isa, int kv, int rows) {
+  switch (kv) {
+    case KV_E4M3: return attend_fn<KV_E4M3>(isa, rows);
+    case KV_BF16: return attend_fn<KV_BF16>(isa, rows);
+    default: return attend_fn<KV_F32>(isa, rows);
+  }
+}
+
+// out [T, H, D] (q's dtype) = attention of q [T, H, D] over the paged caches [num_blocks, block_size,
+// KVH, D]. Decode (cu_seqlens_q absent): token b is sequence b's last, causal length seq_lens[b].
+// Prefill: tokens cu[b] .. cu[b+1] of sequence b are its last n_new, token i of them at causal length
+// seq_lens[b] - n_new + i + 1. See kernels/cpu/attention.py for the contract.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables_in, const at::Tensor& seq_lens_in,
+                     const c10::optional<at::Tensor>& cu_seqlens_in, double sm_scale, double k_scale, double v_scale,
+                     int64_t isa) {
+  TORCH_CHECK(isa >= ISA_PORTABLE && isa <= best_isa(), "attention: ISA ", isa, " not supported by this CPU");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "attention: need q [T, H, D] and caches [num_blocks, block_size, KVH, D]");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), "attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "attention: q must be fp32 or bf16");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && k_cache.strides() == v_cache.strides(),
+              "attention: k and v caches must share dtype and strides");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 8 == 0 && H % KVH == 0, "attention: head dim ", D, " (a multiple of 8, "
+              "as the cache's) and ", H, " query heads (a multiple of ", KVH, " KV heads)");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1, "attention: q and caches need unit stride along D");
+  int kv;
+  int64_t elem;
+  switch (k_cache.scalar_type()) {
+    case at::kFloat8_e4m3fn: kv = KV_E4M3, elem = 1; break;
+    case at::kBFloat16: kv = KV_BF16, elem = 2; break;
+    case at::kFloat: kv = KV_F32, elem = 4; break;
+    default: TORCH_CHECK(false, "attention: cache dtype must be float8_e4m3fn, bfloat16 or float32");
+  }
+  const at::Tensor tables = block_tables_in.to(at::kInt).contiguous();
+  const at::Tensor seq_lens = seq_lens_in.to(at::kLong).contiguous();
+  const int64_t B = seq_lens.numel(), max_blocks = tables.size(1);
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B, "attention: block_tables ", tables.sizes(), " vs ", B, " sequences");
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+
+  // per token: its sequence and causal length
+  std::vector<int64_t> tok_seq(T), tok_len(T);
+  if (!cu_seqlens_in.has_value()) {
+    TORCH_CHECK(B == T, "attention (decode): ", T, " tokens but ", B, " sequences");
+    for (int64_t b = 0; b < B; ++b) tok_seq[b] = b, tok_len[b] = lens[b];
+  } else {
+    const at::Tensor cu = cu_seqlens_in->to(at::kLong).contiguous();
+    TORCH_CHECK(cu.numel() == B + 1, "attention (prefill): cu_seqlens_q has ", cu.numel(), " entries for ", B, " sequences");
+    const int64_t* c = cu.data_ptr<int64_t>();
+    TORCH_CHECK(c[0] >= 0 && c[B] <= T, "attention (prefill): cu_seqlens_q out of range of ", T, " tokens");
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n_new = c[b + 1] - c[b];
+      TORCH_CHECK(n_new >= 0 && n_new <= lens[b], "attention (prefill): sequence ", b, " has ", n_new,
+                  " new tokens but seq_len ", lens[b]);
+      for (int64_t i = 0; i < n_new; ++i) tok_seq[c[b] + i] = b, tok_len[c[b] + i] = lens[b] - n_new + i + 1;
+    }
+    for (int64_t t = 0; t < c[0]; ++t) tok_len[t] = 0, tok_seq[t] = 0;  // tokens outside every chunk: zeros
+    for (int64_t t = c[B]; t < T; ++t) tok_len[t] = 0, tok_seq[t] = 0;
+  }
+  int64_t max_len = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(tok_len[t] >= 0 && tok_len[t] <= max_blocks * block_size, "attention: causal length ", tok_len[t],
+                " of token ", t, " exceeds the block table's ", max_blocks * block_size, " slots");
+    max_len = std::max(max_len, tok_len[t]);
+  }
+
+  Attn a;
+  a.D = D;
+  // k_scale / v_scale dequantize e4m3 caches only (as the reference's gather); e4m3 decodes as x * 2^-8
+  const bool fp8 = kv == KV_E4M3;
+  a.qk_scale = float(sm_scale * 1.4426950408889634 * (fp8 ? k_scale * 256.0 : 1.0));
+  a.v_scale = float(fp8 ? v_scale * 256.0 : 1.0);
+  const int64_t group = H / KVH;
+  at::Tensor out = at::empty({T, H, D}, q.options());
+  const bool q_f32 = q.scalar_type() == at::kFloat, out_f32 = q_f32;
+  const char* k_base = static_cast<const char*>(k_cache.data_ptr());
+  const char* v_base = static_cast<const char*>(v_cache.data_ptr());
+  const int64_t s_cb = k_cache.stride(0) * elem, s_cs = k_cache.stride(1) * elem, s_ch = k_cache.stride(2) * elem;
+  const int32_t* table_base = tables.data_ptr<int32_t>();
+  const int64_t Lp_max = (max_len + 7) / 8 * 8;
+
+  // (token, KV head) tasks; a task is ~L * group * D FMAs twice: batch small work into one thread
+  const int64_t work = std::max<int64_t>(1, max_len * group * D);
+  const int64_t grain = std::max<int64_t>(1, 65536 / work);
+  at::parallel_for(0, T * KVH, grain, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qbuf(group * D), obuf(group * D), sbuf(group * std::max<int64_t>(Lp_max, 8));
+    std::vector<const void*> krows(std::max<int64_t>(max_len, 1)), vrows(std::max<int64_t>(max_len, 1));
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t t = w / KVH, g = w % KVH, L = tok_len[t];
+      const int64_t h0 = g * group;
+      if (L == 0) {  // nothing to attend to (a padding token): zeros
+        for (int64_t r = 0; r < group; ++r) {
+          char* o = static_cast<char*>(out.data_ptr()) + (t * H + h0 + r) * D * out.element_size();
+          std::memset(o, 0, D * out.element_size());
+        }
+        continue;
+      }
+      const int32_t* table = table_base + tok_seq[t] * max_blocks;
+      for (int64_t j = 0; j < L; j += block_size) {
+        const int64_t blk = table[j / block_size];
+        TORCH_CHECK(blk >= 0 && blk < num_blocks, "attention: block id ", blk, " of position ", j, " out of [0, ",
+                    num_blocks, ")");
+        const int64_t off = blk * s_cb + g * s_ch;
+        for (int64_t jj = j; jj < std::min(L, j + block_size); ++jj) {
+          krows[jj] = k_base + off + (jj - j) * s_cs;
+          vrows[jj] = v_base + off + (jj - j) * s_cs;
+        }
+      }
+      // q rows -> fp32
+      for (int64_t r = 0; r < group; ++r) {
+        float* dst = qbuf.data() + r * D;
+        if (q_f32) {
+          const float* src = q.data_ptr<float>() + t * q.stride(0) + (h0 + r) * q.stride(1);
+          std::memcpy(dst, src, D * 4);
+        } else {
+          const uint16_t* src = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()) + t * q.stride(0) +
+                                (h0 + r) * q.stride(1);
+          for (int64_t d = 0; d < D; ++d) dst[d] = bits_to_float(uint32_t(src[d]) << 16);
+        }
+      }
+      for (int64_t r0 = 0; r0 < group; r0 += 4) {
+        const int rows = int(std::min<int64_t>(4, group - r0));
+        const float* qf[4];
+        float* s[4];
+        float* o[4];
+        for (int r = 0; r < rows; ++r) {
+          qf[r] = qbuf.data() + (r0 + r) * D;
+          s[r] = sbuf.data() + (r0 + r) * Lp_max;
+          o[r] = out_f32 ? out.data_ptr<float>() + (t * H + h0 + r0 + r) * D : obuf.data() + (r0 + r) * D;
+        }
+        attend_fn(isa, kv, rows)(a, qf, L, krows.data(), vrows.data(), s, o);
+      }
+      if (!out_f32) {
+        uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + (t * H + h0) * D;
+        for (int64_t i = 0; i < group * D; ++i) dst[i] = float_to_bf16(obuf[i]);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace fp8t
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fp8-turbo CPU paged attention (see kernels/cpu/attention.py)";
+  m.def("attention", &fp8t::attention);
+  m.def("best_isa", &fp8t::best_isa);
+}
