@@ -7,54 +7,14 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-#define FP8T_INLINE inline __attribute__((always_inline))  // see gemm.cpp: no out-of-line calls from AVX code
+#include "common.h"
 
 namespace fp8t {
 
 enum KvType { KV_E4M3 = 0, KV_BF16 = 1, KV_F32 = 2 };
-enum Isa { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-
-FP8T_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-FP8T_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-FP8T_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
-}
-
-// 2^f on [-0.5, 0.5]: Taylor coefficients ln(2)^k / k!, k = 0..7 (truncation < 2^-27 relative).
-constexpr float kExp2Poly[8] = {1.0f, 0.693147180559945309f, 0.240226506959100712f, 0.0555041086648215800f,
-                                0.00961812910762847716f, 0.00133335581464284434f, 1.54035303933816099e-4f,
-                                1.52527338040598403e-5f};
-
-// e4m3 byte -> value * 2^-8, as vec8.h's vector code decodes it (the portable V8 reads this table).
-struct E4m3ScaledTable {
-  float v[256];
-  E4m3ScaledTable() {
-    for (int b = 0; b < 256; ++b) {
-      const int e = (b >> 3) & 0xF, m = b & 7;
-      const float mag = e == 0 ? std::ldexp(float(m), -17) : std::ldexp(float(8 + m), e - 18);
-      v[b] = (b & 0x80) ? -mag : mag;
-    }
-  }
-};
-static const E4m3ScaledTable kE4m3Scaled;
 
 struct Attn {
   int64_t D = 0;
@@ -95,13 +55,6 @@ namespace fp8t::avx512 {
 #pragma GCC pop_options
 
 namespace fp8t {
-
-int best_isa() {
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (avx2 && __builtin_cpu_supports("avx512f")) return ISA_AVX512;
-  return avx2 ? ISA_AVX2 : ISA_PORTABLE;
-}
 
 using AttendFn = void (*)(const Attn&, const float* const*, int64_t, const void* const*, const void* const*,
                           float* const*, float* const*);

@@ -42,7 +42,8 @@ _KV_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
 def extension():
     global _EXT
     if _EXT is None:
-        _EXT = build.load("fp8t_cpu_attention", ["attention.cpp"], ["attention_kernel.h", "vec8.h", "vec8_math.h"])
+        _EXT = build.load("fp8t_cpu_attention", ["attention.cpp"],
+                          ["attention_kernel.h", "common.h", "vec8.h", "vec8_math.h"])
     return _EXT
 
 

@@ -25,7 +25,8 @@ FP8T_INLINE V8 div(const V8& a, const V8& b) { FP8T_LANEWISE(x / y) }
 FP8T_INLINE V8 max(const V8& a, const V8& b) { FP8T_LANEWISE(x > y ? x : y) }
 FP8T_INLINE float lane(const V8& a, int i) { return a.v[i]; }
 
-// 2^x: x < -126 (and NaN) -> 0, x > 127 -> 2^127 * p(x - 127); see exp2 below.
+// 2^x: x < -126 (and NaN) -> 0, x > 128 -> +inf; else 2^n p(f), n = round(x), f = x - n (exact),
+// p the degree-7 polynomial of kExp2Poly in Horner form with one FMA per step.
 FP8T_INLINE V8 exp2(const V8& a) {
   V8 r;
   for (int i = 0; i < 8; ++i) {
@@ -37,7 +38,8 @@ FP8T_INLINE V8 exp2(const V8& a) {
     float p = kExp2Poly[7];
     for (int c = 6; c >= 0; --c) p = std::fma(p, f, kExp2Poly[c]);
     const float two_n = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-    r.v[i] = x >= -126.0f ? p * two_n : 0.0f;
+    const float y = x >= -126.0f ? p * two_n : 0.0f;
+    r.v[i] = x > 128.0f ? INFINITY : y;
   }
   return r;
 }
@@ -65,8 +67,8 @@ FP8T_INLINE V8 exp2(const V8& a) {
   __m256 p = _mm256_set1_ps(kExp2Poly[7]);
   for (int c = 6; c >= 0; --c) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[c]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return {_mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_GE_OQ))};
+  const __m256 r = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_GE_OQ));
+  return {_mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(128.0f), _CMP_GT_OQ))};
 }
 
 #endif
