@@ -319,33 +319,65 @@ def compressed_tensors_config(scheme: str, ignore: list[str], static_input: bool
 
 def quantized_tensors(tensors: Iterator[tuple[str, torch.Tensor]], quant: QuantConfig,
                       scale_leaf: str = "weight_scale",
-                      input_scales: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      input_scales: dict[str, torch.Tensor] | None = None,
+                      weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      hp_tensors: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """HF tensors -> the same tensors with each quantized linear weight replaced by an e4m3 weight,
     its fp32 scale (and a static input_scale when given). Each HF module is quantized on its own, as
-    llm-compressor does; `quant.applies_to` is asked with both the HF and the fused module name."""
+    llm-compressor does; `quant.applies_to` is asked with both the HF and the fused module name.
+
+    Calibrated checkpoints (engine.lab.recipe) bring their own results: `weights` maps each quantized HF
+    module to its (e4m3 weight, scale), written as given; `hp_tensors` replaces high-precision tensors
+    by name (norm weights with smoothing folded in), stored in the source tensor's dtype, which must hold
+    them exactly."""
     w_gran = {"fp8": "channel", "fp8-tensor": "tensor", "fp8-block": "block", "fp8-weight-only": "channel"}[quant.scheme]
+    hp_left = dict(hp_tensors or {})
     for name, t in tensors:
         module, _, leaf = name.rpartition(".")
         is_linear = leaf == "weight" and (module == "lm_head" or module.rpartition(".")[2] in LINEAR_SUFFIXES)
         if not (is_linear and quant.applies_to(module) and quant.applies_to(fused_name(module))):
-            yield name, t
+            yield name, _replacement(name, t, hp_left.pop(name)) if name in hp_left else t
             continue
-        try:
-            w_fp8, scale = quantize_weight(t, w_gran, BLOCK)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from e
+        if weights is not None:
+            if module not in weights:
+                raise ValueError(f"{name}: quantized by the config, but the calibrated weights have no entry for {module}")
+            w_fp8, scale = weights[module]
+            if w_fp8.dtype != FP8_DTYPE or tuple(w_fp8.shape) != tuple(t.shape):
+                raise ValueError(f"{name}: calibrated weight is {w_fp8.dtype} {tuple(w_fp8.shape)}, "
+                                 f"expected {FP8_DTYPE} {tuple(t.shape)}")
+            scale = scale.float()
+        else:
+            try:
+                w_fp8, scale = quantize_weight(t, w_gran, BLOCK)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from e
         yield name, w_fp8
         yield f"{module}.{scale_leaf}", scale.reshape(1) if scale.numel() == 1 else scale
         if input_scales is not None:
             yield f"{module}.input_scale", input_scales[fused_name(module)].float().reshape(1).clone()
+    if hp_left:
+        raise ValueError(f"hp_tensors names not in the checkpoint (or quantized): {sorted(hp_left)[:4]}")
+
+
+def _replacement(name: str, source: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`new` in the dtype of the tensor it replaces; refuses a value that dtype cannot hold exactly."""
+    if tuple(new.shape) != tuple(source.shape):
+        raise ValueError(f"{name}: replacement has shape {tuple(new.shape)}, the checkpoint {tuple(source.shape)}")
+    out = new.to(source.dtype)
+    if not torch.equal(out.to(new.dtype), new):
+        raise ValueError(f"{name}: the replacement is not exactly representable in {source.dtype}")
+    return out
 
 
 def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tuple[str, ...] = DEFAULT_IGNORE,
-                   input_scales: dict[str, torch.Tensor] | None = None) -> Path:
+                   input_scales: dict[str, torch.Tensor] | None = None, *,
+                   weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   hp_tensors: dict[str, torch.Tensor] | None = None, recipe: dict | None = None) -> Path:
     """Write `model` (an HF dir, .gguf file or model id) as a compressed-tensors FP8 checkpoint in `out`:
     config.json with quantization_config, tokenizer files, model.safetensors with F8_E4M3 weights,
     fp32 scales and unfused HF names. `input_scales` (fused module name -> amax / 448) makes the
-    fp8-tensor activations static."""
+    fp8-tensor activations static. `weights` / `hp_tensors`: a calibrated result (see
+    `quantized_tensors`); `recipe` is recorded in the safetensors metadata (`fp8_turbo_recipe`)."""
     from safetensors.torch import save_file
 
     from tokenizer import load_tokenizer
@@ -361,10 +393,14 @@ def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tup
     ignored = [n for n in linear_names(cfg) if not (quant.applies_to(n) and quant.applies_to(fused_name(n)))]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = dict(quantized_tensors(iter_checkpoint_tensors(source), quant, input_scales=input_scales))
+    state = dict(quantized_tensors(iter_checkpoint_tensors(source), quant, input_scales=input_scales,
+                                   weights=weights, hp_tensors=hp_tensors))
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if recipe is not None:
+        metadata["fp8_turbo_recipe"] = json.dumps(recipe, sort_keys=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata=metadata)
     hf_config = dict(hf_config, quantization_config=compressed_tensors_config(scheme, ignored, input_scales is not None))
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if source.kind == "hf":

@@ -1,0 +1,203 @@
+"""A calibrated FP8 recipe: which methods run, and the driver that applies them block by block.
+
+Methods (any combination, written "smooth+search+gptq"; "none" is plain amax scaling):
+- `smooth`: SmoothQuant-style migration folded into norms / v / up (engine.lab.smoothquant);
+- `search`: per-channel (or per-block) scale search on the output error (engine.lab.scale_search);
+- `gptq`: error-compensating rounding onto the e4m3 grid with the chosen scales (engine.lab.gptq).
+They run in that order within each decoder block: smoothing changes the weights and the statistics
+of their inputs, the scales are chosen for the smoothed weights, GPTQ rounds with those scales. Blocks
+are calibrated sequentially (engine.lab.calibration.BlockRunner): block i sees what quantized blocks
+0..i-1 produce.
+
+Each fused Linear (q/k/v, gate/up) gets one scale per stored HF shard, as `fp8-turbo quantize` writes
+them, and is installed through the same `fuse_scales` the checkpoint loader uses: the calibrated
+model in memory and its checkpoint loaded back are bit-identical. lm_head (when quantized at all) and
+layers no method reaches get plain amax scaling.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.checkpoints.fp8 import fuse_scales, shard_names, shard_rows
+from engine.lab.calibration import ActivationStats, BlockRunner
+from engine.lab.gptq import gptq_quantize
+from engine.lab.scale_search import DEFAULT_RATIOS, search_scale
+from engine.lab.smoothquant import DEFAULT_ALPHAS, fold, search_alpha, smoothing_pairs
+from engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES, SCHEME_GRANULARITY, Linear, QuantConfig
+from kernels.fp8 import FP8_DTYPE, expand_scale, quantize_weight, round_to_e4m3
+
+METHODS = ("smooth", "search", "gptq")  # the order they run in
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """"none" -> (); "gptq+smooth" -> ("smooth", "gptq") (canonical order). Raises ValueError."""
+    parts = [p for p in text.replace(",", "+").split("+") if p]
+    if parts == ["none"]:
+        return ()
+    bad = [p for p in parts if p not in METHODS]
+    if bad or not parts or len(set(parts)) != len(parts):
+        raise ValueError(f"method {text!r}: use 'none' or a '+'-joined combination of {METHODS}")
+    return tuple(m for m in METHODS if m in parts)
+
+
+def method_label(methods: tuple[str, ...]) -> str:
+    return "+".join(methods) or "none"
+
+
+@dataclass(slots=True)
+class Recipe:
+    """How to quantize: the scheme and ignore list of `LLM(...)`, plus calibration methods."""
+
+    scheme: str = "fp8"
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    methods: tuple[str, ...] = ()
+    ratios: tuple[float, ...] = DEFAULT_RATIOS  # scale search candidates (x amax / 448)
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS  # SmoothQuant migration strengths tried
+    damp: float = 0.01  # GPTQ: H + damp * mean(diag H) * I
+    sample_tokens: int = 512  # activation rows kept per Linear for the alpha search
+
+    def __post_init__(self) -> None:
+        if self.scheme not in QUANT_SCHEMES or self.scheme == "none":
+            raise ValueError(f"scheme must be one of {QUANT_SCHEMES[1:]}, got {self.scheme!r}")
+        if isinstance(self.methods, str):
+            self.methods = parse_methods(self.methods)
+        self.methods = tuple(m for m in METHODS if m in self.methods)
+        self.ignore = tuple(self.ignore)
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.methods)
+
+    @property
+    def label(self) -> str:
+        return method_label(self.methods)
+
+
+@dataclass(slots=True)
+class QuantizedLinear:
+    """An e4m3 weight [N, K] (fused) and one scale per stored shard (rows of each shard in `rows`)."""
+
+    q: torch.Tensor
+    scales: list[torch.Tensor]
+    rows: list[int]
+
+    def fused_scale(self) -> torch.Tensor:
+        return fuse_scales(self.scales, self.rows, self.q.shape[1])
+
+
+@dataclass(slots=True)
+class CalibrationResult:
+    recipe: Recipe
+    weights: dict[str, QuantizedLinear]  # fused module name -> quantized weight
+    hp_tensors: dict[str, torch.Tensor]  # HF tensor name -> changed high-precision tensor (folded norms, ...)
+    alphas: dict[str, float | None] = field(default_factory=dict)  # "layers.i.pair" -> alpha (None: not smoothed)
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)  # fused name -> weight before rounding
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def hf_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """HF module name -> (e4m3 weight, scale) of every quantized shard, for the checkpoint writer."""
+        out = {}
+        for name, ql in self.weights.items():
+            start = 0
+            for shard, rows, scale in zip(shard_names(name), ql.rows, ql.scales):
+                out[shard] = (ql.q[start:start + rows], scale)
+                start += rows
+        return out
+
+
+def quantize_linear(w: torch.Tensor, rows: list[int], granularity: str, stats: ActivationStats | None,
+                    recipe: Recipe) -> QuantizedLinear:
+    """One (fused) weight [N, K] -> e4m3 with per-shard scales, by the recipe's weight methods."""
+    w = w.float()
+    k = w.shape[1]
+    scales, start = [], 0
+    for r in rows:
+        shard = w[start:start + r]
+        if stats is not None and "search" in recipe.methods:
+            s = search_scale(shard, stats.hessian, granularity, recipe.ratios)
+        else:
+            s = quantize_weight(shard, granularity)[1]
+        scales.append(s)
+        start += r
+    full = torch.cat([expand_scale(s, r, k).expand(r, k) for s, r in zip(scales, rows)])  # [N, K]
+    if stats is not None and "gptq" in recipe.methods:
+        q = gptq_quantize(w, stats.hessian, full, damp=recipe.damp)
+    else:
+        q = round_to_e4m3(w / full).to(FP8_DTYPE)
+    return QuantizedLinear(q, scales, list(rows))
+
+
+def _hf_tensor_name(module_name: str, rows: slice | None, cfg) -> str:
+    """HF tensor holding a fold's producer: a norm weight, or the v_proj / up_proj shard of a fused Linear."""
+    if rows is None:
+        return f"{module_name}.weight"
+    shards, offsets, start = shard_names(module_name), [], 0
+    for r in shard_rows(cfg, module_name):
+        offsets.append(start)
+        start += r
+    return f"{shards[offsets.index(rows.start)]}.weight"
+
+
+@torch.inference_mode()
+def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: bool = False,
+              log=print) -> CalibrationResult:
+    """Quantize `llm` (loaded with quantization="none") in place by `recipe`, calibrating on `windows`
+    (token id lists). Afterwards llm is the quantized model. Plain amax ("none") needs no windows."""
+    t0 = time.perf_counter()
+    net = llm.engine.model
+    cfg = net.cfg
+    ignore = (*recipe.ignore, "lm_head") if cfg.tie_word_embeddings else recipe.ignore  # a tied head stays
+    quant = QuantConfig(recipe.scheme, ignore).for_model(cfg.num_layers)
+    w_gran, a_gran = SCHEME_GRANULARITY[recipe.scheme]
+    result = CalibrationResult(recipe, {}, {})
+    runner = BlockRunner(llm, windows) if recipe.needs_data else None
+    modules = {m.name: m for m in net.modules() if isinstance(m, Linear)}
+    assert all(m.scheme == "none" for m in modules.values()), "calibrate() needs a model loaded with quantization='none'"
+
+    def install(m: Linear, stats: ActivationStats | None) -> None:
+        rows = shard_rows(cfg, m.name) if len(shard_names(m.name)) > 1 else [m.out_features]
+        if keep_reference:
+            result.reference[m.name] = m.weight.data.clone()
+        ql = quantize_linear(m.weight.data, rows, w_gran, stats, recipe)
+        result.weights[m.name] = ql
+        m.scheme = recipe.scheme
+        m.set_fp8_weight(ql.q, ql.fused_scale())
+
+    try:
+        for i, block in enumerate(net.layers):
+            linears = [m for m in block.modules() if isinstance(m, Linear) and quant.applies_to(m.name)]
+            stats = runner.collect(linears, recipe.sample_tokens) if runner is not None and linears else {}
+            if "smooth" in recipe.methods and a_gran is not None:
+                for pair in smoothing_pairs(block, cfg):
+                    if pair.consumer.name not in stats:
+                        continue  # consumer kept in high precision: nothing to gain
+                    alpha, s = search_alpha(pair, stats[pair.consumer.name], a_gran, w_gran, recipe.alphas)
+                    result.alphas[f"layers.{i}.{pair.name}"] = alpha
+                    if s is None:
+                        continue
+                    fold(pair, s)
+                    stats[pair.consumer.name] = stats[pair.consumer.name].scaled(1 / s)
+                    producer = f"model.layers.{i}.{pair.name.split('->')[0]}" if pair.rows is None else pair.producer.name
+                    if pair.rows is None or not quant.applies_to(producer):
+                        key = _hf_tensor_name(producer, pair.rows, cfg)
+                        src = pair.producer.weight.data
+                        result.hp_tensors[key] = (src if pair.rows is None else src[pair.rows]).clone()
+            for m in linears:
+                install(m, stats.get(m.name))
+            if runner is not None:
+                runner.advance()
+            log(f"calibrated block {i + 1}/{len(net.layers)} ({recipe.label}, {time.perf_counter() - t0:.0f}s)")
+        if quant.applies_to("lm_head"):
+            install(net.lm_head, None)
+    finally:
+        if runner is not None:
+            result.tokens = runner.tokens
+            runner.release()
+    result.seconds = time.perf_counter() - t0
+    return result
