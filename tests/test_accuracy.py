@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
 
 from engine import LLM
-from engine.lab.accuracy import (_BlockCache, corpus_text, corpus_windows, evaluate, quantize_only, sensitivity_sweep,
-                             sequence_logits)
+from engine.lab.accuracy import TokenStats, evaluate, sequence_logits
+from engine.lab.corpora import corpus_text, corpus_windows, heldout_text
+from engine.lab.sensitivity import _BlockCache, quantize_only, sensitivity_sweep
 from engine.serving.cli_quant import add_commands
 from engine.model.linear import Linear
 from model_factory import VOCAB, make_checkpoint
@@ -33,6 +35,26 @@ def test_evaluate_metrics(src):
     assert set(fp8.sqnr_db) == {m.name for m in same.engine.model.modules() if isinstance(m, Linear) and m.scheme != "none"}
     assert keep_all.kl == 0 and keep_all.ppl == base.ppl and keep_all.hp_linear_bytes == keep_all.linear_bytes
     assert fp8.linear_bytes * 2 == base.linear_bytes  # 1 byte per FP8 weight vs 2 for bf16
+    assert base.same_top == 1 and base.kl_p99 == 0 and 0 < fp8.same_top <= 1 and fp8.kl_p99 > 0
+
+
+def test_token_stats_follow_llama_cpp():
+    """Same top token counts positions [L/2, L-1) of each window (llama.cpp's kl_divergence), top-1 all
+    of them; KL p99 is the linearly interpolated 99th percentile of per-token KL."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(10, 7, generator=g)
+    quant = base.clone()
+    quant[[1, 2, 8], :] = torch.randn(3, 7, generator=g) * 5  # rows 1, 2 in the first half, 8 in the second
+    flips = (base[:-1].argmax(-1) != quant[:-1].argmax(-1)).tolist()
+    targets = torch.arange(1, 10) % 7
+    s = TokenStats()
+    s.add(torch.log_softmax(base[:-1], -1), quant, targets)
+    assert s.n == 9 and s.agree == 9 - sum(flips)
+    assert s.same_n == 4 and s.same == 4 - sum(flips[5:])  # rows 5..8 predict tokens 6..9
+    kl = (torch.softmax(base[:-1], -1) * (torch.log_softmax(base[:-1], -1) - torch.log_softmax(quant[:-1], -1))).sum(-1)
+    r = s.result("q", "fp8", (), 0.0, torch.nn.Linear(1, 1))
+    assert math.isclose(r.kl_p99, torch.quantile(kl.double(), 0.99).item(), rel_tol=1e-6)
+    assert math.isclose(r.same_top_se, math.sqrt(r.same_top * (1 - r.same_top) / 3))
 
 
 def test_sweep_prefix_cache_and_toggle_are_exact(src):
@@ -61,8 +83,12 @@ def test_corpus_windows():
     class T:
         encode = staticmethod(lambda text, add_special_tokens=False: make_tokenizer().encode(text, add_special_tokens=False))
 
-    wins = corpus_windows(T, " ".join(f"w{i % 300 + 3}" for i in range(1000)), 128, 700)
+    text = " ".join(f"w{i % 300 + 3}" for i in range(1000))
+    wins = corpus_windows(T, text, 128, 700)
     assert [len(w) for w in wins] == [128] * 5
+    ids = T.encode(text)
+    starts = [next(s for s in range(0, 1000, 128) if ids[s:s + 128] == w) for w in wins]
+    assert starts == [0, 128, 256, 512, 640]  # spread over the 7 available windows, not the first 5
     assert "Python" in corpus_text() and len(corpus_text()) > 100_000
     with pytest.raises(ValueError, match="window"):
         corpus_windows(T, "w3 w4", 128, 700)
@@ -78,9 +104,21 @@ def test_cli_quantize_and_eval(src, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"w{(7 * i) % 300 + 3}" for i in range(200)))
     args = parser.parse_args(["eval", "--model", str(src), "--schemes", "fp8", "fp8-block", "--corpus", str(corpus),
+                              "--methods", "none,gptq", "--calib-corpus", str(corpus), "--calib-tokens", "96",
                               "--tokens", "96", "--window", "48", "--sweep-tokens", "32", "--out", str(tmp_path / "r")])
     assert args.func(args) == 0
     data = json.loads((tmp_path / "r" / "accuracy.json").read_text())
-    assert [r["label"] for r in data["results"]] == ["none", "fp8", "fp8-block"] and len(data["sweep"]) == 8
+    assert [r["label"] for r in data["results"]] == ["none", "fp8", "fp8 gptq", "fp8-block", "fp8-block gptq"]
+    assert len(data["sweep"]) == 8 and data["meta"]["calib_corpus"] == str(corpus)
     assert (tmp_path / "r" / "accuracy.png").stat().st_size > 1000
     assert "| fp8-block |" in (tmp_path / "r" / "accuracy.md").read_text()
+
+
+def test_heldout_corpus_is_other_text():
+    """The default scoring text (standard-library docstrings) is large and shares no paragraph with the
+    calibration text (pydoc_data.topics)."""
+    held, calib = heldout_text(), corpus_text()
+    assert len(held) > 300_000
+    paragraphs = [p for p in held.split("\n\n") if len(p) > 200]
+    assert len(paragraphs) > 500
+    assert not [p for p in paragraphs[::25] if p in calib]

@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 
 import pytest
@@ -23,11 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM
 from engine.checkpoints.fp8 import save_quantized
-from engine.lab.accuracy import sequence_logits
+from engine.lab.accuracy import evaluate, sequence_logits
+from engine.lab.budget import choose_high_precision
 from engine.lab.recipe import Recipe, calibrate, parse_methods
 from engine.lab.scale_search import output_error, quantization_error, search_scale
 from engine.lab.smoothquant import fold, smoothing_factors, smoothing_pairs
-from engine.model.linear import Linear
+from engine.model.linear import DEFAULT_IGNORE, Linear
+from engine.serving.cli_quant import add_commands
 from kernels.fp8 import quantize_weight
 from model_factory import VOCAB, make_checkpoint
 
@@ -152,6 +156,20 @@ def test_scale_search_never_loses_on_its_objective(granularity):
     assert err < output_error(quantization_error(w, amax), h.float()).sum()
 
 
+def test_budget_knapsack_matches_brute_force():
+    g = torch.Generator().manual_seed(3)
+    sweep = [{"layer": f"l{i}", "kl": float(torch.rand(1, generator=g)) ** 3, "params": int(torch.randint(1, 50, (1,), generator=g))}
+             for i in range(10)]
+    for budget in (0, 20, 60, 120, 1000):
+        chosen = choose_high_precision(sweep, budget)
+        by = {r["layer"]: r for r in sweep}
+        assert sum(by[n]["params"] for n in chosen) <= budget
+        best = max(sum(r["kl"] for r in c) for k in range(len(sweep) + 1) for c in itertools.combinations(sweep, k)
+                   if sum(r["params"] for r in c) <= budget)
+        assert sum(by[n]["kl"] for n in chosen) >= best / 2  # the greedy + best-single guarantee
+    assert choose_high_precision(sweep, 1000) == [r["layer"] for r in sorted(sweep, key=lambda r: -r["kl"])]
+
+
 def test_parse_methods():
     assert parse_methods("none") == ()
     assert parse_methods("gptq+smooth") == ("smooth", "gptq")
@@ -190,6 +208,27 @@ def test_calibrated_checkpoint_round_trip_is_bit_exact(models, tmp_path, scheme)
     assert_bit_identical(llm, LLM(str(out), device="cpu"))
 
 
+def test_cli_quantize_calibrated(models, tmp_path):
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text(" ".join(f"w{(11 * i) % 300 + 3}" for i in range(1200)))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["quantize", "--model", str(models["outliers"]), "--out", str(tmp_path / "q"),
+                              "--calibrate", str(corpus), "--method", "smooth+gptq", "--window", "128",
+                              "--calibration-tokens", "1024"])
+    assert args.func(args) == 0
+    loaded = LLM(str(tmp_path / "q"), device="cpu")
+    assert {m.scheme for m in linears(loaded).values()} == {"fp8", "none"}
+    # the same recipe in memory gives the same model
+    from engine.lab.corpora import corpus_text, corpus_windows
+
+    llm = LLM(str(models["outliers"]), device="cpu")
+    calibrate(llm, corpus_windows(llm.tokenizer, corpus_text(corpus), 128, 1024),
+              Recipe("fp8", DEFAULT_IGNORE, ("smooth", "gptq")),
+              log=lambda s: None)
+    assert_bit_identical(llm, loaded)
+
+
 def test_transformers_reads_calibrated_checkpoint(models, tmp_path):
     """transformers + compressed-tensors decompresses to our weights and folded norms exactly, and its
     forward (FP8 activations included) gives our logits."""
@@ -220,3 +259,14 @@ def test_transformers_reads_calibrated_checkpoint(models, tmp_path):
     # lands on the other side of an e4m3 rounding boundary (a one-ulp flip, 1/16 of one element).
     mine = sequence_logits(llm, ids)
     assert (mine - theirs).abs().max() <= 1e-3 * theirs.abs().max(), (mine - theirs).abs().max()
+
+
+def test_evaluate_scores_a_calibrated_config_on_heldout_windows(models):
+    configs = [("fp8", "fp8", ("lm_head",)), ("fp8 gptq", "fp8", ("lm_head",), ("gptq",))]
+    results, _ = evaluate(str(models["plain"]), configs, HELDOUT[:4], calib_windows=CALIB, log=lambda s: None,
+                          progress=False)
+    base, amax, gptq = results
+    assert gptq.methods == ["gptq"] and gptq.calib_seconds > 0 and amax.calib_seconds == 0
+    assert gptq.linear_bytes == amax.linear_bytes and set(gptq.sqnr_db) == set(amax.sqnr_db)
+    assert base.same_top == 1 and base.kl_p99 == 0
+    assert 0 < gptq.same_top <= 1 and gptq.same_top_se > 0 and gptq.kl_p99 > 0
