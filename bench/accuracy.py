@@ -1,16 +1,19 @@
-"""FP8 accuracy of every scheme on SmolLM2-135M-Instruct (or --model) vs the unquantized model.
+"""FP8 accuracy of every scheme, calibration method and combination on SmolLM2-135M-Instruct (or --model),
+calibrated on one corpus and scored on another (held-out) corpus.
 
-Writes bench/out/accuracy.{json,md,png}: perplexity, KL(base || quant), top-1 agreement and per-layer
-SQNR for each scheme and ignore-list variant, plus the one-layer-at-a-time sensitivity sweep.
-`--part sweep` runs only the sweep (bench/out/accuracy_sweep.json); `--part eval` picks that file up,
-so the two halves can run side by side. CPU fake-quant path (same numerics as the FP8 kernels).
+Writes bench/out/accuracy.{json,md,png}: perplexity, KL(base || quant) mean and p99, top-1 agreement,
+llama.cpp's "same top token", per-layer SQNR and linear-weight bytes per configuration, the
+one-layer-at-a-time sensitivity sweep (on calibration text), and a chart of bytes vs KL with its Pareto
+front. `--part sweep` runs only the sweep (bench/out/accuracy_sweep.json); `--part eval` reads it for the
+byte-budget rows; `--part report` rebuilds md/png from the JSON files. CPU path (FP8 numerics in fp32).
 
-    .venv/bin/python bench/accuracy.py --tokens 1024 --window 512 --sweep-tokens 128
+    .venv/bin/python bench/accuracy.py --tokens 8192 --calib-tokens 4096 --sweep-tokens 512
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -18,70 +21,90 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.lab.accuracy import DEFAULT_SCHEMES, EvalConfig, EvalResult, corpus_meta, evaluate  # noqa: E402
+from engine.lab.budget import budget_ignore  # noqa: E402
+from engine.lab.corpora import corpus_text, corpus_windows  # noqa: E402
+from engine.lab.recipe import METHODS, method_label  # noqa: E402
+from engine.lab.report import plot, to_json, to_markdown  # noqa: E402
 from engine.model.linear import DEFAULT_IGNORE  # noqa: E402
-from engine.lab.accuracy import (DEFAULT_SCHEMES, corpus_text, corpus_windows, evaluate, plot, sensitivity_sweep,  # noqa: E402
-                             to_json, to_markdown)
 
 OUT = Path(__file__).resolve().parent / "out"
-# Ignore-list variants of fp8 around the default (engine.model.linear.DEFAULT_IGNORE: lm_head + last block's MLP).
-VARIANTS = {
-    "fp8, lm_head only": ("lm_head",),
-    "fp8, + first block's MLP": (*DEFAULT_IGNORE, "model.layers.0.mlp.*"),
-    "fp8, + every down_proj": (*DEFAULT_IGNORE, "*.down_proj"),
-}
+# Every non-empty combination of the methods, in their canonical order.
+COMBINATIONS = [tuple(m for i, m in enumerate(METHODS) if mask >> i & 1) for mask in range(1, 1 << len(METHODS))]
+BUDGET_OVER_DEFAULT = 0.05  # the goal: at most 5% more linear-weight bytes than today's default
+
+
+def configs(sweep: list[dict] | None, best: tuple[str, ...]) -> list[EvalConfig]:
+    out = [EvalConfig(s, s, DEFAULT_IGNORE) for s in DEFAULT_SCHEMES]
+    out += [EvalConfig(f"fp8 {method_label(m)}", "fp8", DEFAULT_IGNORE, m)
+            for m in sorted(COMBINATIONS, key=lambda m: (len(m), METHODS.index(m[0])))]
+    out += [EvalConfig(f"fp8-block {method_label(best)}", "fp8-block", DEFAULT_IGNORE, best),
+            EvalConfig("fp8-weight-only search+gptq", "fp8-weight-only", DEFAULT_IGNORE, ("search", "gptq")),
+            EvalConfig("fp8, lm_head only", "fp8", ("lm_head",))]
+    if sweep:
+        fp8_bytes = sum(r["params"] for r in sweep)  # all decoder Linears in FP8, 1 byte each
+        last = max(int(r["layer"].split(".")[2]) for r in sweep)
+        today = sum(r["params"] for r in sweep if r["layer"].startswith(f"model.layers.{last}.mlp."))
+        extra = (fp8_bytes + today) * (1 + BUDGET_OVER_DEFAULT) - fp8_bytes  # hp bytes at +5% over today
+        ignore = budget_ignore(sweep, extra)
+        out += [EvalConfig("fp8, budget +5%", "fp8", ignore),
+                EvalConfig(f"fp8 {method_label(best)}, budget +5%", "fp8", ignore, best)]
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--corpus", default=None, help="text file (default: pydoc_data.topics)")
-    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--corpus", default=None, help="scoring text file (default: the standard library's docstrings)")
+    ap.add_argument("--calib-corpus", default=None, help="calibration text file (default: pydoc_data.topics)")
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for the methods")
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--sweep-tokens", type=int, default=128)
-    ap.add_argument("--part", choices=("all", "eval", "sweep", "report"), default="all",
-                    help="report: rebuild md/png from accuracy.json and accuracy_sweep.json")
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=PAT,PAT",
-                    help="extra fp8 config with an ignore list (repeatable)")
-    ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument("--sweep-tokens", type=int, default=512, help="calibration tokens for the sensitivity sweep")
+    ap.add_argument("--best", default="smooth+search+gptq",
+                    help="method combination also run with fp8-block and under the byte budget")
+    ap.add_argument("--only", default=None, help="comma-separated config labels to run (default: all)")
+    ap.add_argument("--part", choices=("all", "eval", "sweep", "report"), default="all")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores (shared), fake-quant fp32 path"
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch CPU path (FP8 numerics in fp32)"
     sweep_file = OUT / "accuracy_sweep.json"
-    sweep = None
     if args.part in ("all", "sweep"):
+        from engine.lab.sensitivity import sensitivity_sweep
         from engine.llm import LLM
 
         tok = LLM(args.model, device="cpu", kv_cache_memory_bytes=16 << 20).tokenizer
-        wins = corpus_windows(tok, corpus_text(args.corpus), args.sweep_tokens, args.sweep_tokens)
+        wins = corpus_windows(tok, corpus_text(args.calib_corpus), args.sweep_tokens, args.sweep_tokens)
         t0 = time.perf_counter()
-        sweep = sensitivity_sweep(args.model, wins, "fp8", log=lambda s: print(s, flush=True))
+        sweep = sensitivity_sweep(args.model, wins, "fp8", log=lambda s: print(s, file=sys.stderr, flush=True))
         sweep_file.write_text(json.dumps({"sweep_tokens": sum(len(w) - 1 for w in wins), "seconds": time.perf_counter() - t0,
-                                          "sweep": sweep}, indent=1))
-        print("\n".join(f"{r['layer']:40s} KL {r['kl']:.5f} top1 {100 * r['top1']:.2f}%" for r in sweep[:15]))
+                                          "corpus": args.calib_corpus or "pydoc_data.topics", "sweep": sweep}, indent=1))
         if args.part == "sweep":
             return 0
     if args.part == "report":
-        from engine.lab.accuracy import EvalResult
-
         data = json.loads((OUT / "accuracy.json").read_text())
         return _report([EvalResult(**r) for r in data["results"]], data["meta"], sweep_file)
-    configs = [(s, s, DEFAULT_IGNORE) for s in DEFAULT_SCHEMES]
-    if not args.no_variants:
-        configs += [(label, "fp8", ignore) for label, ignore in VARIANTS.items()]
-    for v in args.variant:
-        label, _, pats = v.partition("=")
-        configs.append((label, "fp8", (*DEFAULT_IGNORE, *pats.split(","))))
+    sweep = json.loads(sweep_file.read_text())["sweep"] if sweep_file.is_file() else None
+    from engine.lab.recipe import parse_methods
+
+    todo = configs(sweep, parse_methods(args.best))
+    if args.only:
+        keep = set(args.only.split(","))
+        todo = [c for c in todo if c.label in keep]
     t0 = time.perf_counter()
-    results, _ = evaluate(args.model, configs, corpus=args.corpus, tokens=args.tokens, window=args.window,
-                          log=lambda s: print(s, flush=True))
-    meta = dict(model=args.model, corpus=args.corpus or "pydoc_data.topics", tokens=results[0].tokens, window=args.window,
-                machine=machine, seconds=round(time.perf_counter() - t0, 1), sweep_scheme="fp8")
+    results, _ = evaluate(args.model, todo, corpus=args.corpus, tokens=args.tokens, window=args.window,
+                          calib_corpus=args.calib_corpus, calib_tokens=args.calib_tokens,
+                          log=lambda s: __import__("tqdm").tqdm.write(s, file=sys.stderr))
+    meta = dict(model=args.model, tokens=results[0].tokens, window=args.window, machine=machine,
+                calib_tokens=args.calib_tokens, seconds=round(time.perf_counter() - t0, 1), sweep_scheme="fp8",
+                **corpus_meta(args.corpus, args.calib_corpus))
     return _report(results, meta, sweep_file)
 
 
 def _report(results, meta: dict, sweep_file: Path) -> int:
     sweep_meta = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
     meta["sweep_tokens"] = sweep_meta["sweep_tokens"] if sweep_meta else None
+    meta["sweep_corpus"] = sweep_meta.get("corpus") if sweep_meta else None
     sweep = sweep_meta["sweep"] if sweep_meta else None
     (OUT / "accuracy.json").write_text(json.dumps(to_json(results, sweep, meta), indent=1))
     md = to_markdown(results, sweep, meta)
