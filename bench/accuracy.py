@@ -7,7 +7,7 @@ one-layer-at-a-time sensitivity sweep (on calibration text), and a chart of byte
 front. `--part sweep` runs only the sweep (bench/out/accuracy_sweep.json); `--part eval` reads it for the
 byte-budget rows; `--part report` rebuilds md/png from the JSON files. CPU path (FP8 numerics in fp32).
 
-    .venv/bin/python bench/accuracy.py --tokens 8192 --calib-tokens 4096 --sweep-tokens 512
+    .venv/bin/python bench/accuracy.py --tokens 8192 --calib-tokens 8192 --sweep-tokens 512
 """
 from __future__ import annotations
 
@@ -35,12 +35,15 @@ BUDGET_OVER_DEFAULT = 0.05  # the goal: at most 5% more linear-weight bytes than
 
 
 def configs(sweep: list[dict] | None, best: tuple[str, ...]) -> list[EvalConfig]:
-    out = [EvalConfig(s, s, DEFAULT_IGNORE) for s in DEFAULT_SCHEMES]
-    out += [EvalConfig(f"fp8 {method_label(m)}", "fp8", DEFAULT_IGNORE, m)
+    """Method rows share one statistics pass of the unquantized model (sequential=False); the best
+    combination is also run sequentially, as `fp8-turbo quantize` does by default."""
+    out = [EvalConfig(s, s, DEFAULT_IGNORE) for s in DEFAULT_SCHEMES if s != "fp8-tensor"]
+    out += [EvalConfig(f"fp8 {method_label(m)}", "fp8", DEFAULT_IGNORE, m, sequential=False)
             for m in sorted(COMBINATIONS, key=lambda m: (len(m), METHODS.index(m[0])))]
-    out += [EvalConfig(f"fp8-block {method_label(best)}", "fp8-block", DEFAULT_IGNORE, best),
-            EvalConfig("fp8-weight-only search+gptq", "fp8-weight-only", DEFAULT_IGNORE, ("search", "gptq")),
-            EvalConfig("fp8, lm_head only", "fp8", ("lm_head",))]
+    out += [EvalConfig(f"fp8 {method_label(best)}, sequential", "fp8", DEFAULT_IGNORE, best),
+            EvalConfig(f"fp8-block {method_label(best)}", "fp8-block", DEFAULT_IGNORE, best, sequential=False),
+            EvalConfig("fp8-weight-only search+gptq", "fp8-weight-only", DEFAULT_IGNORE, ("search", "gptq"),
+                       sequential=False)]
     if sweep:
         fp8_bytes = sum(r["params"] for r in sweep)  # all decoder Linears in FP8, 1 byte each
         last = max(int(r["layer"].split(".")[2]) for r in sweep)
@@ -48,7 +51,7 @@ def configs(sweep: list[dict] | None, best: tuple[str, ...]) -> list[EvalConfig]
         extra = (fp8_bytes + today) * (1 + BUDGET_OVER_DEFAULT) - fp8_bytes  # hp bytes at +5% over today
         ignore = budget_ignore(sweep, extra)
         out += [EvalConfig("fp8, budget +5%", "fp8", ignore),
-                EvalConfig(f"fp8 {method_label(best)}, budget +5%", "fp8", ignore, best)]
+                EvalConfig(f"fp8 {method_label(best)}, budget +5%", "fp8", ignore, best, sequential=False)]
     return out
 
 
@@ -58,7 +61,7 @@ def main() -> int:
     ap.add_argument("--corpus", default=None, help="scoring text file (default: the standard library's docstrings)")
     ap.add_argument("--calib-corpus", default=None, help="calibration text file (default: pydoc_data.topics)")
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
-    ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for the methods")
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens for the methods")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--sweep-tokens", type=int, default=512, help="calibration tokens for the sensitivity sweep")
     ap.add_argument("--best", default="smooth+search+gptq",

@@ -110,6 +110,19 @@ def test_method_lowers_heldout_error(models, base_logits, amax_error, model, met
     assert calibrated < amax, (methods, calibrated, amax)
 
 
+def test_shared_statistics_are_the_recipes_own(models):
+    """A non-sequential recipe given collect_all's statistics computes what it computes alone."""
+    from engine.lab.calibration import collect_all
+
+    recipe = Recipe("fp8", ("lm_head",), "smooth+search+gptq", sequential=False)
+    alone = LLM(str(models["outliers"]), device="cpu")
+    calibrate(alone, CALIB, recipe, log=lambda s: None)
+    shared = LLM(str(models["outliers"]), device="cpu")
+    stats = collect_all(LLM(str(models["outliers"]), device="cpu"), CALIB, recipe.sample_tokens, log=lambda s: None)
+    calibrate(shared, CALIB, recipe, stats=stats, log=lambda s: None)
+    assert_bit_identical(alone, shared)
+
+
 def test_plain_amax_recipe_is_the_engines_fp8(models):
     """Method "none" reproduces LLM(quantization="fp8") exactly (same weights, scales and logits)."""
     calibrated, _ = quantized(models["plain"], "none")

@@ -48,6 +48,7 @@ class EvalConfig:
     scheme: str
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     methods: tuple[str, ...] = ()
+    sequential: bool = True  # see engine.lab.recipe.Recipe; False shares one statistics pass
 
     @classmethod
     def of(cls, c) -> "EvalConfig":
@@ -73,6 +74,7 @@ class EvalResult:
     same_top: float = 1.0  # llama.cpp "Same top p" (second half of each window)
     same_top_se: float = 0.0
     calib_seconds: float = 0.0
+    sequential: bool = True
 
 
 def sequence_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -169,8 +171,9 @@ def _weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
             for m in model.modules() if isinstance(m, Linear)}
 
 
-def build_config(model: str, config: EvalConfig, calib_windows: list[list[int]] | None, log=print):
-    """The LLM of one configuration, and its CalibrationResult when it has methods (else None)."""
+def build_config(model: str, config: EvalConfig, calib_windows: list[list[int]] | None, log=print, stats=None):
+    """The LLM of one configuration, and its CalibrationResult when it has methods (else None).
+    `stats`: shared statistics (engine.lab.calibration.collect_all) for non-sequential configs."""
     from engine.llm import LLM
 
     if not config.methods:
@@ -180,8 +183,8 @@ def build_config(model: str, config: EvalConfig, calib_windows: list[list[int]] 
     if not calib_windows:
         raise ValueError(f"{config.label}: methods {config.methods} need calibration windows")
     llm = LLM(model, quantization="none", **KV_OPTIONS)
-    calib = calibrate(llm, calib_windows, Recipe(config.scheme, config.ignore, config.methods),
-                      keep_reference=True, log=log)
+    recipe = Recipe(config.scheme, config.ignore, config.methods, sequential=config.sequential)
+    calib = calibrate(llm, calib_windows, recipe, keep_reference=True, stats=stats, log=log)
     return llm, calib
 
 
@@ -202,7 +205,8 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
     if calib_windows is None and any(c.methods for c in configs):
         calib_windows = corpus_windows(base.tokenizer, corpus_text(calib_corpus), window, calib_tokens)
     layers = base.engine.model_config.num_layers
-    total = len(windows) * (1 + len(configs)) + layers * sum(bool(c.methods) for c in configs)
+    share = any(c.methods and not c.sequential for c in configs)
+    total = len(windows) * (1 + len(configs)) + layers * (sum(bool(c.methods) for c in configs) + share)
     bar = tqdm(total=total, desc="eval", unit="step", file=sys.stderr, disable=not progress, smoothing=0.1)
     targets = [torch.tensor(ids[1:]) for ids in windows]
     results = []
@@ -218,6 +222,14 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
         base_nll = base_stats.nll / base_stats.n
         results.append(base_stats.result("none", "none", (), base_nll, base.engine.model))
         base_w = _weights(base.engine.model)
+        shared = None
+        if share:  # one statistics pass of the unquantized model for every non-sequential config
+            from engine.lab.calibration import collect_all
+
+            bar.set_postfix_str("calibration statistics")
+            t0 = time.perf_counter()
+            shared = collect_all(base, calib_windows, 512, log=lambda msg: bar.update())
+            log(f"calibration statistics of {len(calib_windows)} windows in {time.perf_counter() - t0:.0f}s")
         for config in configs:
             bar.set_postfix_str(config.label)
 
@@ -225,7 +237,8 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
                 bar.update()
 
             t0 = time.perf_counter()
-            llm, calib = build_config(model, config, calib_windows, log=step)
+            llm, calib = build_config(model, config, calib_windows, log=step,
+                                      stats=shared if config.methods and not config.sequential else None)
             calib_seconds = time.perf_counter() - t0 if calib is not None else 0.0
             reference = dict(base_w)
             if calib is not None:
@@ -239,7 +252,8 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
                 bar.update()
             sqnr = sqnr or probe.close()
             results.append(stats.result(config.label, config.scheme, config.ignore, base_nll, llm.engine.model,
-                                        sqnr_db=sqnr, methods=list(config.methods), calib_seconds=calib_seconds))
+                                        sqnr_db=sqnr, methods=list(config.methods), calib_seconds=calib_seconds,
+                                        sequential=config.sequential))
             r = results[-1]
             log(f"{config.label}: ppl {r.ppl:.3f} ({r.ppl_delta_pct:+.2f}%), KL {r.kl:.4f} (p99 {r.kl_p99:.4f}), "
                 f"top-1 {100 * r.top1:.2f}%, same top {100 * r.same_top:.2f}%")

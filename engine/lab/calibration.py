@@ -107,15 +107,18 @@ class BlockRunner:
         return self.net.layers[i](x, cos, sin, meta, self.kv_caches[i])
 
     @torch.inference_mode()
-    def collect(self, modules: list[Linear], sample_tokens: int) -> dict[str, ActivationStats]:
-        """Run the current block over every window, collecting the input statistics of `modules`."""
+    def collect(self, modules: list[Linear], sample_tokens: int, advance: bool = False) -> dict[str, ActivationStats]:
+        """Run the current block over every window, collecting the input statistics of `modules`; with
+        `advance`, its outputs become the next block's inputs in the same pass (the block unchanged)."""
         per_call = -(-sample_tokens // max(len(self.inputs), 1)) if sample_tokens else 0
         collector = StatsCollector(modules, per_call)
         try:
-            for x in self.inputs:
-                self._run_block(x)
+            outputs = [self._run_block(x) for x in self.inputs]
         finally:
             stats = collector.close()
+        if advance:
+            self.inputs = outputs
+            self.block_index += 1
         return stats
 
     @torch.inference_mode()
@@ -129,3 +132,22 @@ class BlockRunner:
             manager.free(seq)
         self._seqs = []
         self.inputs = []
+
+
+@torch.inference_mode()
+def collect_all(llm, windows: list[list[int]], sample_tokens: int, log=print) -> dict[str, ActivationStats]:
+    """Statistics of every decoder Linear's input in one pass of the unquantized model (non-sequential
+    calibration: each block sees the unquantized model's activations). Several recipes can share them:
+    a method never changes them (smoothing derives scaled copies). Holds every block's Hessians at once
+    (~1 GB for SmolLM2-135M in fp64), so it is meant for small models and recipe sweeps."""
+    runner = BlockRunner(llm, windows)
+    stats: dict[str, ActivationStats] = {}
+    try:
+        for i, block in enumerate(llm.engine.model.layers):
+            stats.update(runner.collect([m for m in block.modules() if isinstance(m, Linear)], sample_tokens,
+                                        advance=True))
+            log(f"statistics of block {i + 1}/{len(llm.engine.model.layers)}")
+    finally:
+        runner.release()
+    return stats
+

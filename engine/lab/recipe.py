@@ -5,9 +5,10 @@ Methods (any combination, written "smooth+search+gptq"; "none" is plain amax sca
 - `search`: per-channel (or per-block) scale search on the output error (engine.lab.scale_search);
 - `gptq`: error-compensating rounding onto the e4m3 grid with the chosen scales (engine.lab.gptq).
 They run in that order within each decoder block: smoothing changes the weights and the statistics
-of their inputs, the scales are chosen for the smoothed weights, GPTQ rounds with those scales. Blocks
-are calibrated sequentially (engine.lab.calibration.BlockRunner): block i sees what quantized blocks
-0..i-1 produce.
+of their inputs, the scales are chosen for the smoothed weights, GPTQ rounds with those scales. By
+default blocks are calibrated sequentially (engine.lab.calibration.BlockRunner): block i sees what
+quantized blocks 0..i-1 produce. `sequential=False` takes every block's statistics from the unquantized
+model instead (one pass, shareable between recipes: engine.lab.calibration.collect_all).
 
 Each fused Linear (q/k/v, gate/up) gets one scale per stored HF shard, as `fp8-turbo quantize` writes
 them, and is installed through the same `fuse_scales` the checkpoint loader uses: the calibrated
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.checkpoints.fp8 import fuse_scales, shard_names, shard_rows
-from engine.lab.calibration import ActivationStats, BlockRunner
+from engine.lab.calibration import ActivationStats, BlockRunner, collect_all
 from engine.lab.gptq import gptq_quantize
 from engine.lab.scale_search import DEFAULT_RATIOS, search_scale
 from engine.lab.smoothquant import DEFAULT_ALPHAS, fold, search_alpha, smoothing_pairs
@@ -58,6 +59,7 @@ class Recipe:
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # SmoothQuant migration strengths tried
     damp: float = 0.01  # GPTQ: H + damp * mean(diag H) * I
     sample_tokens: int = 512  # activation rows kept per Linear for the alpha search
+    sequential: bool = True  # statistics from the partly quantized model (True) or the unquantized one
 
     def __post_init__(self) -> None:
         if self.scheme not in QUANT_SCHEMES or self.scheme == "none":
@@ -146,9 +148,10 @@ def _hf_tensor_name(module_name: str, rows: slice | None, cfg) -> str:
 
 @torch.inference_mode()
 def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: bool = False,
-              log=print) -> CalibrationResult:
+              stats: dict[str, ActivationStats] | None = None, log=print) -> CalibrationResult:
     """Quantize `llm` (loaded with quantization="none") in place by `recipe`, calibrating on `windows`
-    (token id lists). Afterwards llm is the quantized model. Plain amax ("none") needs no windows."""
+    (token id lists). Afterwards llm is the quantized model. Plain amax ("none") needs no windows.
+    Non-sequential recipes use `stats` (from collect_all on the same model) when given."""
     t0 = time.perf_counter()
     net = llm.engine.model
     cfg = net.cfg
@@ -156,7 +159,10 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
     quant = QuantConfig(recipe.scheme, ignore).for_model(cfg.num_layers)
     w_gran, a_gran = SCHEME_GRANULARITY[recipe.scheme]
     result = CalibrationResult(recipe, {}, {})
-    runner = BlockRunner(llm, windows) if recipe.needs_data else None
+    if recipe.needs_data and not recipe.sequential and stats is None:
+        stats = collect_all(llm, windows, recipe.sample_tokens, log=lambda msg: None)
+    runner = BlockRunner(llm, windows) if recipe.needs_data and recipe.sequential else None
+    shared = stats if recipe.needs_data and not recipe.sequential else None
     modules = {m.name: m for m in net.modules() if isinstance(m, Linear)}
     assert all(m.scheme == "none" for m in modules.values()), "calibrate() needs a model loaded with quantization='none'"
 
@@ -172,24 +178,27 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
     try:
         for i, block in enumerate(net.layers):
             linears = [m for m in block.modules() if isinstance(m, Linear) and quant.applies_to(m.name)]
-            stats = runner.collect(linears, recipe.sample_tokens) if runner is not None and linears else {}
+            if shared is not None:
+                block_stats = {m.name: shared[m.name] for m in linears}
+            else:
+                block_stats = runner.collect(linears, recipe.sample_tokens) if runner is not None and linears else {}
             if "smooth" in recipe.methods and a_gran is not None:
                 for pair in smoothing_pairs(block, cfg):
-                    if pair.consumer.name not in stats:
+                    if pair.consumer.name not in block_stats:
                         continue  # consumer kept in high precision: nothing to gain
-                    alpha, s = search_alpha(pair, stats[pair.consumer.name], a_gran, w_gran, recipe.alphas)
+                    alpha, s = search_alpha(pair, block_stats[pair.consumer.name], a_gran, w_gran, recipe.alphas)
                     result.alphas[f"layers.{i}.{pair.name}"] = alpha
                     if s is None:
                         continue
                     fold(pair, s)
-                    stats[pair.consumer.name] = stats[pair.consumer.name].scaled(1 / s)
+                    block_stats[pair.consumer.name] = block_stats[pair.consumer.name].scaled(1 / s)
                     producer = f"model.layers.{i}.{pair.name.split('->')[0]}" if pair.rows is None else pair.producer.name
                     if pair.rows is None or not quant.applies_to(producer):
                         key = _hf_tensor_name(producer, pair.rows, cfg)
                         src = pair.producer.weight.data
                         result.hp_tensors[key] = (src if pair.rows is None else src[pair.rows]).clone()
             for m in linears:
-                install(m, stats.get(m.name))
+                install(m, block_stats.get(m.name))
             if runner is not None:
                 runner.advance()
             log(f"calibrated block {i + 1}/{len(net.layers)} ({recipe.label}, {time.perf_counter() - t0:.0f}s)")
@@ -199,5 +208,7 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
         if runner is not None:
             result.tokens = runner.tokens
             runner.release()
+        elif shared:
+            result.tokens = next(iter(shared.values())).tokens
     result.seconds = time.perf_counter() - t0
     return result

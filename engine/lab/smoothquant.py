@@ -11,8 +11,9 @@ when the layer before X can absorb it:
 Not foldable: k into q (RoPE rotates channel pairs, and q.k is not a Linear input) and anything
 across the residual stream.
 
-s = max|X|^alpha / max|W|^(1 - alpha) per input channel (max|W| over the consumer's output rows), then
-rounded to the nearest power of two. Powers of two make every fold exact in binary floating point (no
+s = max|X|^alpha / max|W|^(1 - alpha) per input channel (max|W| over the consumer's output rows),
+taken relative to the median channel, rounded to the nearest power of two and clamped to s >= 1 (only
+outlying channels shrink; see smoothing_factors). Powers of two make every fold exact in binary floating point (no
 overflow or subnormals assumed): the unquantized model computes bit-identical logits, and the folded
 norm weights are representable in whatever dtype the checkpoint stores. They lose nothing for FP8:
 e4m3 has a relative precision that does not depend on scale, so what migration buys in FP8 is dynamic
@@ -74,12 +75,22 @@ def _tie(v: torch.Tensor, group: tuple[int, int, int] | None) -> torch.Tensor:
 
 def smoothing_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float,
                       group: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """s = max|X|^alpha / max|W|^(1-alpha), tied per KV group, rounded to a power of two. [K]
-    Channels never active in calibration (or with all-zero weights) keep s = 1."""
+    """s = max|X|^alpha / max|W|^(1-alpha), tied per KV group, relative to its median over the channels,
+    rounded to a power of two and never below 1. [K]
+
+    A common factor of all channels changes nothing (per-token and per-row scales absorb a power of two
+    exactly), so s is measured from the median channel; s >= 1 then only ever shrinks the channels with
+    outlying range. The SmoothQuant formula would also amplify channels that were nearly silent during
+    calibration (s << 1), and a held-out input that is larger there than calibration saw would then set
+    the per-token scale and crush every other channel. Channels never active (or with all-zero weights)
+    keep s = 1."""
     x, w = _tie(x_amax.float(), group), _tie(w_amax.float(), group)
     live = (x > 0) & (w > 0)
+    if not live.any():
+        return torch.ones_like(x)
     log2_s = alpha * torch.log2(x.clamp(min=1e-30)) - (1 - alpha) * torch.log2(w.clamp(min=1e-30))
-    exp = torch.where(live, log2_s.round().clamp(-MAX_EXPONENT, MAX_EXPONENT), torch.zeros_like(log2_s))
+    log2_s = log2_s - log2_s[live].median()
+    exp = torch.where(live, log2_s.round().clamp(0, MAX_EXPONENT), torch.zeros_like(log2_s))
     return torch.exp2(exp)
 
 
