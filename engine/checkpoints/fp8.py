@@ -387,6 +387,8 @@ def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tup
     if hf_config.get("quantization_config"):
         raise ValueError(f"{model} is already quantized ({hf_config['quantization_config'].get('quant_method')})")
     cfg = ModelConfig.from_hf_dict(hf_config)
+    if cfg.tie_word_embeddings:  # lm_head is the embedding matrix: stored once, unquantized
+        ignore = (*ignore, "lm_head")
     quant = QuantConfig(scheme, ignore).for_model(cfg.num_layers)
     if quant.scheme == "none":
         raise ValueError("save_quantized: scheme 'none' writes nothing quantized; pick an fp8 scheme")

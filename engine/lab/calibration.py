@@ -34,6 +34,7 @@ class ActivationStats:
 
     def scaled(self, inv_s: torch.Tensor) -> "ActivationStats":
         """Statistics of X * inv_s (each input channel k multiplied by inv_s[k])."""
+        inv_s = inv_s.to(self.amax.device)
         d = inv_s.to(self.hessian.dtype)
         return ActivationStats(self.amax * inv_s.abs(), self.hessian * d[:, None] * d[None, :], self.tokens,
                                self.sample * inv_s)

@@ -30,19 +30,19 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, *
     w = w.float()
     n, k = w.shape
     s = scale.float().expand(n, k)
-    h = hessian.to(torch.float64).clone()
+    h = hessian.to(device=w.device, dtype=torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k, device=w.device)
     w, s, h = w[:, perm].clone(), s[:, perm].contiguous(), h[perm][:, perm]
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
     # Upper Cholesky factor of H^-1: row j holds how column j's error spreads over columns j..K-1.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     q = torch.empty_like(w)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb, ub = w[:, b0:b1], u[b0:b1, b0:b1]
-        errs = torch.empty(n, b1 - b0)
+        errs = torch.empty(n, b1 - b0, device=w.device)
         for j in range(b1 - b0):
             col, sc = wb[:, j], s[:, b0 + j]
             qc = round_to_e4m3(col / sc)
@@ -52,5 +52,5 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, *
             errs[:, j] = err
         w[:, b1:] -= errs @ u[b0:b1, b1:]
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(k)
+    inv[perm] = torch.arange(k, device=w.device)
     return q[:, inv].to(FP8_DTYPE)

@@ -108,7 +108,7 @@ class CalibrationResult:
         for name, ql in self.weights.items():
             start = 0
             for shard, rows, scale in zip(shard_names(name), ql.rows, ql.scales):
-                out[shard] = (ql.q[start:start + rows], scale)
+                out[shard] = (ql.q[start:start + rows].cpu(), scale.cpu())
                 start += rows
         return out
 
@@ -191,12 +191,12 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
                     if s is None:
                         continue
                     fold(pair, s)
-                    block_stats[pair.consumer.name] = block_stats[pair.consumer.name].scaled(1 / s)
+                    block_stats[pair.consumer.name] = block_stats[pair.consumer.name].scaled(1 / s.cpu())
                     producer = f"model.layers.{i}.{pair.name.split('->')[0]}" if pair.rows is None else pair.producer.name
                     if pair.rows is None or not quant.applies_to(producer):
                         key = _hf_tensor_name(producer, pair.rows, cfg)
                         src = pair.producer.weight.data
-                        result.hp_tensors[key] = (src if pair.rows is None else src[pair.rows]).clone()
+                        result.hp_tensors[key] = (src if pair.rows is None else src[pair.rows]).to("cpu", copy=True)
             for m in linears:
                 install(m, block_stats.get(m.name))
             if runner is not None:

@@ -41,7 +41,7 @@ def search_scale(w: torch.Tensor, hessian: torch.Tensor, granularity: str = "cha
     """Scale of `w` [N, K] in the layout kernels.fp8.quantize_weight gives for `granularity`
     ("channel" [N, 1], "tensor" [1], "block" [ceil(N/128), ceil(K/128)]) minimizing the output error."""
     w = w.float()
-    h = hessian.to(torch.float32)
+    h = hessian.to(device=w.device, dtype=torch.float32)
     base = quantize_weight(w, granularity, block)[1]
     if granularity in ("channel", "tensor"):
         best, best_loss = base.clone(), None

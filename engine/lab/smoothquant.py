@@ -97,6 +97,8 @@ def smoothing_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float,
 def migration_error(w: torch.Tensor, sample: torch.Tensor, s: torch.Tensor | None, act_granularity: str,
                     weight_granularity: str) -> float:
     """||X W^T - Q(X / s) Q(W * s)^T||^2 over the sample rows (fake-quant, kernels numerics)."""
+    sample = sample.to(w.device)
+    s = s.to(w.device) if s is not None else None
     ref = sample @ w.T
     x, ws = (sample, w) if s is None else (sample / s, w * s)
     wq = dequantize_fp8(*quantize_weight(ws, weight_granularity))
@@ -112,7 +114,7 @@ def search_alpha(pair: SmoothPair, stats: ActivationStats, act_granularity: str,
     best = migration_error(w, stats.sample, None, act_granularity, weight_granularity)
     w_amax = w.abs().amax(0)
     for alpha in alphas:
-        s = smoothing_factors(stats.amax, w_amax, alpha, pair.group)
+        s = smoothing_factors(stats.amax.to(w.device), w_amax, alpha, pair.group)
         if torch.all(s == 1):
             continue
         err = migration_error(w, stats.sample, s, act_granularity, weight_granularity)
