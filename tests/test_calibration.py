@@ -138,7 +138,7 @@ def test_smoothing_fold_keeps_logits_bit_identical(models):
     before = sequence_logits(llm, HELDOUT[0])
     g = torch.Generator().manual_seed(0)
     for block in llm.engine.model.layers:
-        for pair in smoothing_pairs(block, llm.engine.model.cfg):
+        for pair in smoothing_pairs(block):
             k = pair.consumer.in_features
             x_amax = torch.rand(k, generator=g) * 2.0 ** torch.randint(-8, 8, (k,), generator=g)
             s = smoothing_factors(x_amax, pair.consumer.weight.abs().amax(0), 0.5, pair.group)

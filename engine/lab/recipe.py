@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.checkpoints.fp8 import fuse_scales, shard_names, shard_rows
+from engine.checkpoints.fp8 import fuse_scales, shard_names
 from engine.lab.calibration import ActivationStats, BlockRunner, collect_all
 from engine.lab.gptq import gptq_quantize
 from engine.lab.scale_search import DEFAULT_RATIOS, search_scale
@@ -135,12 +135,12 @@ def quantize_linear(w: torch.Tensor, rows: list[int], granularity: str, stats: A
     return QuantizedLinear(q, scales, list(rows))
 
 
-def _hf_tensor_name(module_name: str, rows: slice | None, cfg) -> str:
+def _hf_tensor_name(producer, name: str, rows: slice | None) -> str:
     """HF tensor holding a fold's producer: a norm weight, or the v_proj / up_proj shard of a fused Linear."""
     if rows is None:
-        return f"{module_name}.weight"
-    shards, offsets, start = shard_names(module_name), [], 0
-    for r in shard_rows(cfg, module_name):
+        return f"{name}.weight"
+    shards, offsets, start = shard_names(name), [], 0
+    for r in producer.part_sizes:
         offsets.append(start)
         start += r
     return f"{shards[offsets.index(rows.start)]}.weight"
@@ -155,6 +155,8 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
     t0 = time.perf_counter()
     net = llm.engine.model
     cfg = net.cfg
+    if net.tp.size != 1:
+        raise ValueError(f"calibrate() runs on one device; got a tensor-parallel shard (size {net.tp.size})")
     ignore = (*recipe.ignore, "lm_head") if cfg.tie_word_embeddings else recipe.ignore  # a tied head stays
     quant = QuantConfig(recipe.scheme, ignore).for_model(cfg.num_layers)
     w_gran, a_gran = SCHEME_GRANULARITY[recipe.scheme]
@@ -167,7 +169,7 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
     assert all(m.scheme == "none" for m in modules.values()), "calibrate() needs a model loaded with quantization='none'"
 
     def install(m: Linear, stats: ActivationStats | None) -> None:
-        rows = shard_rows(cfg, m.name) if len(shard_names(m.name)) > 1 else [m.out_features]
+        rows = m.part_sizes if len(shard_names(m.name)) > 1 else [m.out_features]
         if keep_reference:
             result.reference[m.name] = m.weight.data.clone()
         ql = quantize_linear(m.weight.data, rows, w_gran, stats, recipe)
@@ -183,7 +185,7 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
             else:
                 block_stats = runner.collect(linears, recipe.sample_tokens) if runner is not None and linears else {}
             if "smooth" in recipe.methods and a_gran is not None:
-                for pair in smoothing_pairs(block, cfg):
+                for pair in smoothing_pairs(block):
                     if pair.consumer.name not in block_stats:
                         continue  # consumer kept in high precision: nothing to gain
                     alpha, s = search_alpha(pair, block_stats[pair.consumer.name], a_gran, w_gran, recipe.alphas)
@@ -194,7 +196,7 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
                     block_stats[pair.consumer.name] = block_stats[pair.consumer.name].scaled(1 / s.cpu())
                     producer = f"model.layers.{i}.{pair.name.split('->')[0]}" if pair.rows is None else pair.producer.name
                     if pair.rows is None or not quant.applies_to(producer):
-                        key = _hf_tensor_name(producer, pair.rows, cfg)
+                        key = _hf_tensor_name(pair.producer, producer, pair.rows)
                         src = pair.producer.weight.data
                         result.hp_tensors[key] = (src if pair.rows is None else src[pair.rows]).to("cpu", copy=True)
             for m in linears:

@@ -53,12 +53,12 @@ class SmoothPair:
     group: tuple[int, int, int] | None = None  # (kv_heads, heads per kv head, head_dim)
 
 
-def smoothing_pairs(block, cfg) -> list[SmoothPair]:
+def smoothing_pairs(block) -> list[SmoothPair]:
     """The four foldable pairs of a Llama decoder block."""
     attn, mlp = block.self_attn, block.mlp
-    v_rows = slice(cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size)
-    up_rows = slice(cfg.intermediate_size, 2 * cfg.intermediate_size)
-    group = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    v_rows = slice(attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size)
+    up_rows = slice(mlp.intermediate_size, 2 * mlp.intermediate_size)
+    group = (attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim)
     return [SmoothPair("input_layernorm->qkv_proj", block.input_layernorm, attn.qkv_proj),
             SmoothPair("v_proj->o_proj", attn.qkv_proj, attn.o_proj, v_rows, group),
             SmoothPair("post_attention_layernorm->gate_up_proj", block.post_attention_layernorm, mlp.gate_up_proj),
