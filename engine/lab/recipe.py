@@ -165,14 +165,15 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
         stats = collect_all(llm, windows, recipe.sample_tokens, log=lambda msg: None)
     runner = BlockRunner(llm, windows) if recipe.needs_data and recipe.sequential else None
     shared = stats if recipe.needs_data and not recipe.sequential else None
-    modules = {m.name: m for m in net.modules() if isinstance(m, Linear)}
-    assert all(m.scheme == "none" for m in modules.values()), "calibrate() needs a model loaded with quantization='none'"
+    quantized = [m.name for m in net.modules() if isinstance(m, Linear) and m.scheme != "none"]
+    if quantized:
+        raise ValueError(f"calibrate() needs a model loaded with quantization='none'; {quantized[0]} is quantized")
 
-    def install(m: Linear, stats: ActivationStats | None) -> None:
+    def install(m: Linear, act_stats: ActivationStats | None) -> None:
         rows = m.part_sizes if len(shard_names(m.name)) > 1 else [m.out_features]
         if keep_reference:
             result.reference[m.name] = m.weight.data.clone()
-        ql = quantize_linear(m.weight.data, rows, w_gran, stats, recipe)
+        ql = quantize_linear(m.weight.data, rows, w_gran, act_stats, recipe)
         result.weights[m.name] = ql
         m.scheme = recipe.scheme
         m.set_fp8_weight(ql.q, ql.fused_scale())
