@@ -6,6 +6,8 @@ llama.cpp's "same top token", per-layer SQNR and linear-weight bytes per configu
 one-layer-at-a-time sensitivity sweep (on calibration text), and a chart of bytes vs KL with its Pareto
 front. `--part sweep` runs only the sweep (bench/out/accuracy_sweep.json); `--part eval` reads it for the
 byte-budget rows; `--part report` rebuilds md/png from the JSON files. CPU path (FP8 numerics in fp32).
+Each finished configuration is appended to bench/out/accuracy_partial.json at once; `--resume` skips the
+configurations found there (same tokens, window and corpora), so a long run can be taken in parts.
 
     .venv/bin/python bench/accuracy.py --tokens 8192 --calib-tokens 8192 --sweep-tokens 512
 """
@@ -17,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,6 +71,7 @@ def main() -> int:
                     help="method combination also run with fp8-block and under the byte budget")
     ap.add_argument("--only", default=None, help="comma-separated config labels to run (default: all)")
     ap.add_argument("--part", choices=("all", "eval", "sweep", "report"), default="all")
+    ap.add_argument("--resume", action="store_true", help="skip configurations in bench/out/accuracy_partial.json")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch CPU path (FP8 numerics in fp32)"
@@ -91,16 +95,36 @@ def main() -> int:
     from engine.lab.recipe import parse_methods
 
     todo = configs(sweep, parse_methods(args.best))
+    order = [c.label for c in todo]
     if args.only:
         keep = set(args.only.split(","))
         todo = [c for c in todo if c.label in keep]
+    run = dict(model=args.model, tokens=args.tokens, window=args.window, calib_tokens=args.calib_tokens,
+               **corpus_meta(args.corpus, args.calib_corpus))
+    partial_file = OUT / "accuracy_partial.json"
+    done, seconds = {}, 0.0
+    if args.resume and partial_file.is_file():
+        partial = json.loads(partial_file.read_text())
+        if partial["run"] != run:
+            raise SystemExit(f"--resume: {partial_file} holds another run ({partial['run']}), not {run}")
+        done = {r["label"]: r for r in partial["results"]}
+        seconds = partial["seconds"]
+        todo = [c for c in todo if c.label not in done]
     t0 = time.perf_counter()
+
+    def keep_result(r: EvalResult) -> None:
+        done[r.label] = asdict(r)
+        partial_file.write_text(json.dumps({"run": run, "seconds": seconds + time.perf_counter() - t0,
+                                            "results": list(done.values())}, indent=1))
+
     results, _ = evaluate(args.model, todo, corpus=args.corpus, tokens=args.tokens, window=args.window,
                           calib_corpus=args.calib_corpus, calib_tokens=args.calib_tokens,
-                          log=lambda s: __import__("tqdm").tqdm.write(s, file=sys.stderr))
-    meta = dict(model=args.model, tokens=results[0].tokens, window=args.window, machine=machine,
-                calib_tokens=args.calib_tokens, seconds=round(time.perf_counter() - t0, 1), sweep_scheme="fp8",
-                **corpus_meta(args.corpus, args.calib_corpus))
+                          log=lambda s: __import__("tqdm").tqdm.write(s, file=sys.stderr), on_result=keep_result)
+    rank = {label: i for i, label in enumerate(["none", *order])}
+    results = [EvalResult(**done[label]) for label in sorted(done, key=lambda label: rank.get(label, len(rank)))]
+    meta = dict(run, tokens=results[0].tokens, machine=machine, sweep_scheme="fp8",
+                seconds=round(seconds + time.perf_counter() - t0, 1),
+                missing=[label for label in order if label not in done])
     return _report(results, meta, sweep_file)
 
 

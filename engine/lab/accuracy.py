@@ -192,10 +192,11 @@ def build_config(model: str, config: EvalConfig, calib_windows: list[list[int]] 
 def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, *, corpus: str | None = None,
              tokens: int = 16384, window: int = 512, calib_windows: list[list[int]] | None = None,
              calib_corpus: str | None = None, calib_tokens: int = 4096, sqnr_windows: int = 1, log=print,
-             progress: bool = True) -> tuple[list[EvalResult], list[list[int]]]:
+             progress: bool = True, on_result=None) -> tuple[list[EvalResult], list[list[int]]]:
     """configs: EvalConfigs or (label, scheme, ignore[, methods]) tuples. Scores on `windows` (default:
     `tokens` of the held-out corpus); methods calibrate on `calib_windows` (default: `calib_tokens` of
-    the calibration corpus). Returns one EvalResult per config, the unquantized model first."""
+    the calibration corpus). Returns one EvalResult per config, the unquantized model first.
+    `on_result(result)` is called as each result is ready (a long run keeps what it finished)."""
     from engine.llm import LLM
 
     configs = [EvalConfig.of(c) for c in configs]
@@ -221,6 +222,8 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
             bar.update()
         base_nll = base_stats.nll / base_stats.n
         results.append(base_stats.result("none", "none", (), base_nll, base.engine.model))
+        if on_result is not None:
+            on_result(results[-1])
         base_w = _weights(base.engine.model)
         shared = None
         if share:  # one statistics pass of the unquantized model for every non-sequential config
@@ -255,6 +258,8 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
                                         sqnr_db=sqnr, methods=list(config.methods), calib_seconds=calib_seconds,
                                         sequential=config.sequential))
             r = results[-1]
+            if on_result is not None:
+                on_result(r)
             log(f"{config.label}: ppl {r.ppl:.3f} ({r.ppl_delta_pct:+.2f}%), KL {r.kl:.4f} (p99 {r.kl_p99:.4f}), "
                 f"top-1 {100 * r.top1:.2f}%, same top {100 * r.same_top:.2f}%")
             del llm, calib, reference, probe

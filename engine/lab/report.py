@@ -30,6 +30,8 @@ def to_markdown(results: list[EvalResult], sweep: list[dict] | None, meta: dict,
         lines.append(f"| {r.label} | {'+'.join(r.methods) or '-'} | {r.ppl:.3f} | {r.ppl_delta_pct:+.2f} | {r.kl:.4f} "
                      f"| {r.kl_p99:.4f} | {100 * r.top1:.2f}% | {100 * r.same_top:.2f} ± {100 * r.same_top_se:.2f}% "
                      f"| {_worst_layer(r)} | {r.hp_linear_bytes / 1e6:.1f} | {r.linear_bytes / 1e6:.1f} |")
+    if meta.get("missing"):
+        lines += ["", f"Not measured in this run: {', '.join(meta['missing'])}."]
     if sweep:
         lines += ["", f"Sensitivity sweep ({meta.get('sweep_scheme', 'fp8')}, one layer quantized at a time, "
                   f"{meta.get('sweep_tokens')} tokens of {meta.get('sweep_corpus', 'the calibration corpus')}): "
