@@ -36,7 +36,10 @@ from engine.lab.corpora import CALIBRATION_CORPUS, SCORING_CORPUS, corpus_text, 
 from engine.model.linear import DEFAULT_IGNORE, Linear
 
 DEFAULT_SCHEMES = ("fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
-KV_OPTIONS = dict(device="cpu", kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False)
+# Every configuration keeps the embedding and a high-precision lm_head in the model's dtype
+# (lm_head_dtype="model"; "auto" stores them in bf16 for FP8 on CPU), so rows differ only in their
+# decoder linear layers, and a calibrated model (loaded unquantized, then quantized) matches its peers.
+KV_OPTIONS = dict(device="cpu", kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False, lm_head_dtype="model")
 
 
 @dataclass(slots=True)

@@ -150,7 +150,8 @@ def _hf_tensor_name(producer, name: str, rows: slice | None) -> str:
 def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: bool = False,
               stats: dict[str, ActivationStats] | None = None, log=print) -> CalibrationResult:
     """Quantize `llm` (loaded with quantization="none") in place by `recipe`, calibrating on `windows`
-    (token id lists). Afterwards llm is the quantized model. Plain amax ("none") needs no windows.
+    (token id lists). Afterwards llm is the quantized model, as `LLM(checkpoint)` of its written checkpoint
+    loads it (vocabulary matrices included). Plain amax ("none") needs no windows.
     Non-sequential recipes use `stats` (from collect_all on the same model) when given."""
     t0 = time.perf_counter()
     net = llm.engine.model
@@ -207,6 +208,10 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
             log(f"calibrated block {i + 1}/{len(net.layers)} ({recipe.label}, {time.perf_counter() - t0:.0f}s)")
         if quant.applies_to("lm_head"):
             install(net.lm_head, None)
+        # the embedding and a high-precision lm_head as the engine stores them for a quantized model
+        # (lm_head_dtype), so the calibrated model computes what its checkpoint loaded back computes
+        engine = llm.engine
+        net.store_vocab_matrices(engine.config.vocab_matrices_dtype(engine.device, net.is_quantized))
     finally:
         if runner is not None:
             result.tokens = runner.tokens
