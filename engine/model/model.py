@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.backend import use_triton
+from kernels.cpu import ops as cpu_ops
 from engine.model.attention_metadata import AttentionMetadata
 from engine.model.config import ModelConfig, rope_inv_freq
 from engine.model.linear import Linear, QuantConfig
@@ -21,13 +23,25 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, KV
 VOCAB_DTYPES = ("model", "bfloat16", "fp8")
 
 
+def _fused_cpu(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Our fused CPU kernels (kernels/cpu/ops.py: one pass per row, batch-invariant) take this call;
+    otherwise the torch code beside each hook runs (and is their reference)."""
+    return not use_triton(x) and cpu_ops.supports(x, *others)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x); with a residual, (RMSNorm(x + residual), x + residual), the add fused on CPU."""
+        if _fused_cpu(x, self.weight, *(() if residual is None else (residual,))):
+            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self.forward(x), x
         # Normalize in fp32 then scale in the model dtype, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -48,7 +62,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, D]; cos/sin [T, D]
+    """x [T, heads, D]; cos/sin [T, D]. On CPU x is rotated in place (the same bits as the torch code)."""
+    if _fused_cpu(x, cos, sin):
+        return cpu_ops.rotary_(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
@@ -143,7 +159,10 @@ class MLP(nn.Module):
                                            name=f"{prefix}.down_proj", tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if _fused_cpu(gate_up):
+            return self.down_proj(cpu_ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
@@ -157,8 +176,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, quant, f"{prefix}.mlp", tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # h = x + attn(norm(x)); the add fused into the second norm
+        normed, h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache), x)
+        return h + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
