@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.cpu import attention as cpu_attention
 from kernels.fp8 import FP8_DTYPE, round_to_e4m3
 from kernels.paged_attention import scale_tensor
 from kernels.quantize import round_to_e4m3_tl
@@ -78,7 +79,7 @@ def _check(k, v, k_cache, v_cache, slot_mapping):
 
 
 def write_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
-    """Torch reference (and the CPU production path): scatter rows of k/v into their cache slots."""
+    """Torch reference (the CPU path where kernels/cpu does not take the call): scatter rows of k/v into their cache slots."""
     num_blocks, block_size, kvh, d = k_cache.shape
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -98,4 +99,6 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> 
     _check(k, v, k_cache, v_cache, slot_mapping)
     if use_triton(k) and k.shape[0] > 0:
         return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if not use_triton(k) and cpu_attention.supports_write(k, k_cache):  # our C++ loop: no masks or scatters
+        return cpu_attention.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return write_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

@@ -250,3 +250,25 @@ def test_dispatch_and_fallback(monkeypatch):
     paged.k_cache, paged.v_cache = paged.k_cache.float(), paged.v_cache.float()
     monkeypatch.setattr(pa.cpu_attention, "available", lambda: False)
     assert torch.equal(paged.decode(q), paged.decode(q, fn=paged_attention_decode_reference))
+
+
+@SETTINGS
+@given(t=st.integers(1, 40), kvh=st.integers(1, 4), d=st.sampled_from([8, 64]), src_dtype=st.sampled_from(
+       [torch.float32, torch.bfloat16]), cache_dtype=st.sampled_from(CACHE_DTYPES),
+       k_scale=st.floats(1e-3, 10.0), seed=st.integers(0, 2**16))
+def test_write_kv_is_the_reference_bit_for_bit(t, kvh, d, src_dtype, cache_dtype, k_scale, seed):
+    """kernels.write_kv on CPU (our loop) leaves the caches byte for byte as the reference does: strided
+    k, v views of a fused projection, skipped (negative) slots, saturating e4m3 values."""
+    from kernels.kv_write import write_kv, write_kv_reference
+
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(t, 3 * kvh * d, generator=g) * torch.logspace(-4, 4, t)[:, None]).to(src_dtype)
+    k, v = qkv[:, kvh * d: 2 * kvh * d].view(t, kvh, d), qkv[:, 2 * kvh * d:].view(t, kvh, d)
+    num_blocks, block_size = t // 4 + 2, 4
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:t]
+    slots[::3] = -1
+    caches = [torch.zeros(num_blocks, block_size, kvh, d).to(cache_dtype) for _ in range(4)]
+    write_kv(k, v, caches[0], caches[1], slots, k_scale, 0.5)
+    write_kv_reference(k, v, caches[2], caches[3], slots, k_scale, 0.5)
+    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ours.view(torch.uint8), ref.view(torch.uint8))

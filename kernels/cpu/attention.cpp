@@ -217,10 +217,60 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   return out;
 }
 
+// kernels.write_kv on CPU: rows t of k, v [T, KVH, D] (fp32/bf16) into their cache slots
+// slot_mapping[t] (negative: skipped) of k_cache, v_cache [num_blocks, block_size, KVH, D]; e4m3 caches
+// get round_to_e4m3(x / scale) (kernels/fp8.py), fp32/bf16 caches the value in their dtype, as the reference.
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping_in, double k_scale, double v_scale) {
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+              k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "write_kv: k, v [T, KVH, D] and caches [num_blocks, block_size, KVH, D], got ", k.sizes(), " and ",
+              k_cache.sizes());
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "write_kv: k, v fp32 or bf16");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "write_kv: caches of one dtype, unit stride along D");
+  const auto cdt = k_cache.scalar_type();
+  TORCH_CHECK(cdt == at::kFloat || cdt == at::kBFloat16 || cdt == at::kFloat8_e4m3fn,
+              "write_kv: cache dtype fp32, bf16 or float8_e4m3fn");
+  const int64_t T = k.size(0), KVH = k.size(1), D = k.size(2);
+  const int64_t slots = k_cache.size(0) * k_cache.size(1), block_size = k_cache.size(1);
+  const at::Tensor slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
+  TORCH_CHECK(slot_mapping.numel() == T, "write_kv: slot_mapping ", slot_mapping.sizes(), " for ", T, " tokens");
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  const bool src_f32 = k.scalar_type() == at::kFloat;
+  for (int pass = 0; pass < 2; ++pass) {
+    const at::Tensor& src_in = pass == 0 ? k : v;
+    at::Tensor& cache = pass == 0 ? k_cache : v_cache;
+    const at::Tensor src = src_in.stride(2) == 1 ? src_in : src_in.contiguous();
+    const float scale = float(pass == 0 ? k_scale : v_scale);
+    char* base = static_cast<char*>(cache.data_ptr());
+    const int64_t elem = cache.element_size();
+    const float* src_f = src_f32 ? src.data_ptr<float>() : nullptr;
+    const uint16_t* src_b = src_f32 ? nullptr : reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+    for (int64_t t = 0; t < T; ++t) {
+      if (slot[t] < 0) continue;
+      TORCH_CHECK(slot[t] < slots, "write_kv: slot ", slot[t], " of token ", t, " outside the cache's ", slots);
+      const int64_t b = slot[t] / block_size, o = slot[t] % block_size;
+      for (int64_t h = 0; h < KVH; ++h) {
+        char* dst = base + (b * cache.stride(0) + o * cache.stride(1) + h * cache.stride(2)) * elem;
+        const int64_t off = t * src.stride(0) + h * src.stride(1);
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = src_f32 ? src_f[off + d] : bf16_to_float(src_b[off + d]);
+          if (cdt == at::kFloat) reinterpret_cast<float*>(dst)[d] = x;
+          else if (cdt == at::kBFloat16) reinterpret_cast<uint16_t*>(dst)[d] = float_to_bf16(x);
+          else reinterpret_cast<uint8_t*>(dst)[d] = e4m3_byte(round_to_e4m3(x / scale));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace fp8t
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fp8-turbo CPU paged attention (see kernels/cpu/attention.py)";
   m.def("attention", &fp8t::attention);
+  m.def("write_kv", &fp8t::write_kv);
   m.def("best_isa", &fp8t::best_isa);
 }

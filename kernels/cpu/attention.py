@@ -24,6 +24,10 @@ Guarantees:
     (tests/test_cpu_attention.py derives the bound).
   - Threads (torch.get_num_threads()) split the (token, KV head) pairs.
 
+    write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0)
+        kernels.write_kv on CPU, bit for bit the reference's cache contents (e4m3: x / scale rounded
+        half to even onto the grid, saturating), without its masks, gathers and scatters.
+
 `supports(q, k_cache)` says whether these kernels take a call (built, and dtypes / head dim they handle);
 kernels/paged_attention.py falls back to the torch reference otherwise.
 """
@@ -56,6 +60,11 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.shape[-1] % 8 == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and available())
 
 
+def supports_write(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (k.device.type == "cpu" and k.dtype in _Q_DTYPES and k_cache.dtype in _KV_DTYPES
+            and k_cache.stride(-1) == 1 and available())
+
+
 def _scale(s) -> float:
     return float(s.item()) if isinstance(s, torch.Tensor) else float(s)
 
@@ -70,3 +79,7 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
                             v_scale=1.0, *, isa: str | None = None) -> torch.Tensor:
     return extension().attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, float(scale),
                                  _scale(k_scale), _scale(v_scale), isa_index(isa))
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
+    extension().write_kv(k, v, k_cache, v_cache, slot_mapping, _scale(k_scale), _scale(v_scale))

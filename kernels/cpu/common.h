@@ -1,6 +1,7 @@
 // Scalar helpers shared by the attention and small-op kernels (attention.cpp, ops.cpp): exact bit
-// conversions, bf16 rounding, the exp2 polynomial's coefficients, the e4m3 table the portable V8
-// reads, the ISA ids. Included once, outside the per-ISA namespaces, before vec8.h.
+// conversions, bf16 rounding, e4m3 rounding (kernels/fp8.py's numerics), the exp2 polynomial's
+// coefficients, the e4m3 table the portable V8 reads, the ISA ids. Included once, outside the per-ISA
+// namespaces, before vec8.h. (gemm.cpp still has its own copies of the ones it uses.)
 #pragma once
 
 #include <immintrin.h>
@@ -39,6 +40,27 @@ FP8T_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, as torc
   return uint16_t((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
 }
 FP8T_INLINE float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+// kernels/fp8.py round_to_e4m3: saturate to +-448, round half to even onto the e4m3 grid (3 mantissa
+// bits, subnormal step 2^-9). Scaling by the grid step is exact (a power of two).
+FP8T_INLINE float round_to_e4m3(float x) {
+  float a = std::fabs(x);
+  if (a > 448.0f) a = 448.0f;  // NaN stays NaN
+  int e = int(float_to_bits(a) >> 23) - 127;
+  e = (e > -6 ? e : -6) - 3;
+  const float step = bits_to_float(uint32_t(e + 127) << 23), inv_step = bits_to_float(uint32_t(127 - e) << 23);
+  return std::copysign(std::nearbyint(a * inv_step) * step, x);
+}
+
+// A value on the e4m3 grid -> its float8_e4m3fn byte (NaN -> 0x7F with the sign, as torch).
+FP8T_INLINE uint8_t e4m3_byte(float g) {
+  const uint32_t u = float_to_bits(g), au = u & 0x7FFFFFFFu;
+  const uint8_t sign = uint8_t((u >> 24) & 0x80);
+  if (au > 0x7F800000u) return sign | 0x7F;
+  if (au >= 0x3C800000u)  // >= 2^-6: normal
+    return sign | uint8_t(((int(au >> 23) - 127 + 7) << 3) | ((au >> 20) & 7));
+  return sign | uint8_t(std::fabs(g) * 512.0f);  // subnormal: 0..7 times 2^-9
+}
 
 // 2^f on [-0.5, 0.5]: Taylor coefficients ln(2)^k / k!, k = 0..7 (truncation < 2^-27 relative).
 constexpr float kExp2Poly[8] = {1.0f, 0.693147180559945309f, 0.240226506959100712f, 0.0555041086648215800f,
