@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from kernels.cpu import attention, gemm
+from kernels.cpu import attention, gemm, ops
 
 
 def main() -> int:
@@ -16,8 +16,9 @@ def main() -> int:
         print("CPU kernels: not available (see the warning above); the torch reference path will be used")
         return 0  # not an error: the engine falls back
     print(f"CPU kernels: built; instruction sets {', '.join(gemm.supported_isas())} (running {gemm.ISAS[gemm.selected_isa()]})")
-    if not attention.available():
-        print("CPU attention kernel: not available (see the warning above); the torch reference will be used")
+    for name, module in (("attention", attention), ("fused small-op", ops)):
+        if not module.available():
+            print(f"CPU {name} kernels: not available (see the warning above); the torch code will be used")
     return 0
 
 
