@@ -69,7 +69,8 @@ def main() -> int:
     ap.add_argument("--sweep-tokens", type=int, default=512, help="calibration tokens for the sensitivity sweep")
     ap.add_argument("--best", default="smooth+search+gptq",
                     help="method combination also run with fp8-block and under the byte budget")
-    ap.add_argument("--only", default=None, help="comma-separated config labels to run (default: all)")
+    ap.add_argument("--only", action="append", default=None, metavar="LABEL",
+                    help="run this configuration (repeat for several; labels may hold commas); default: all")
     ap.add_argument("--part", choices=("all", "eval", "sweep", "report"), default="all")
     ap.add_argument("--resume", action="store_true", help="skip configurations in bench/out/accuracy_partial.json")
     args = ap.parse_args()
@@ -97,7 +98,10 @@ def main() -> int:
     todo = configs(sweep, parse_methods(args.best))
     order = [c.label for c in todo]
     if args.only:
-        keep = set(args.only.split(","))
+        keep = set(args.only)
+        unknown = keep - set(order)
+        if unknown:
+            raise SystemExit(f"--only: no configuration {sorted(unknown)}; there are {order}")
         todo = [c for c in todo if c.label in keep]
     run = dict(model=args.model, tokens=args.tokens, window=args.window, calib_tokens=args.calib_tokens,
                **corpus_meta(args.corpus, args.calib_corpus))
