@@ -98,7 +98,8 @@ def test_corpus_windows():
 def test_cli_quantize_and_eval(src, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["quantize", "--model", str(src), "--scheme", "fp8", "--out", str(tmp_path / "q")])
+    args = parser.parse_args(["quantize", "--model", str(src), "--scheme", "fp8", "--method", "none",
+                              "--out", str(tmp_path / "q")])
     assert args.func(args) == 0
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
     corpus = tmp_path / "corpus.txt"

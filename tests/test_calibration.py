@@ -27,11 +27,11 @@ from engine import LLM
 from engine.checkpoints.fp8 import save_quantized
 from engine.lab.accuracy import evaluate, sequence_logits
 from engine.lab.budget import choose_high_precision
-from engine.lab.recipe import Recipe, calibrate, parse_methods
+from engine.lab.recipe import DEFAULT_METHODS, Recipe, calibrate, parse_methods
 from engine.lab.scale_search import output_error, quantization_error, search_scale
 from engine.lab.smoothquant import fold, smoothing_factors, smoothing_pairs
 from engine.model.linear import DEFAULT_IGNORE, Linear
-from engine.serving.cli_quant import add_commands
+from engine.serving.cli_quant import add_commands, quantize_methods
 from kernels.fp8 import quantize_weight
 from model_factory import VOCAB, make_checkpoint
 
@@ -219,6 +219,18 @@ def test_calibrated_checkpoint_round_trip_is_bit_exact(models, tmp_path, scheme)
     out = save_quantized(str(models["outliers"]), tmp_path / "q", scheme, ("lm_head",), weights=result.hf_weights(),
                          hp_tensors=result.hp_tensors)
     assert_bit_identical(llm, LLM(str(out), device="cpu"))
+
+
+def test_cli_quantize_methods_default():
+    """`fp8-turbo quantize` calibrates with DEFAULT_METHODS unless told --method none (or it calibrates
+    static activation scales instead)."""
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    assert quantize_methods(parser.parse_args(["quantize", "--out", "x"])) == DEFAULT_METHODS != ()
+    assert quantize_methods(parser.parse_args(["quantize", "--out", "x", "--method", "none"])) == ()
+    assert quantize_methods(parser.parse_args(["quantize", "--out", "x", "--method", "gptq+smooth"])) == ("smooth", "gptq")
+    assert quantize_methods(parser.parse_args(["quantize", "--out", "x", "--scheme", "fp8-tensor",
+                                               "--static-activations"])) == ()
 
 
 def test_cli_quantize_calibrated(models, tmp_path):

@@ -31,6 +31,9 @@ from engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES, SCHEME_GRANULARIT
 from kernels.fp8 import FP8_DTYPE, expand_scale, quantize_weight, round_to_e4m3
 
 METHODS = ("smooth", "search", "gptq")  # the order they run in
+# `fp8-turbo quantize`'s default: the combination that came closest to the goal on held-out text
+# (bench/ACCURACY.md). LLM(quantization="fp8") quantizes at load time without calibration data.
+DEFAULT_METHODS = ("search", "gptq")
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.checkpoints.source import DEFAULT_MODEL
 from engine.lab.accuracy import DEFAULT_SCHEMES
-from engine.lab.recipe import METHODS, method_label, parse_methods
+from engine.lab.recipe import DEFAULT_METHODS, METHODS, method_label, parse_methods
 from engine.model.linear import DEFAULT_IGNORE
 
 
@@ -63,12 +63,21 @@ def _budget_ignore(model: str, windows: list[list[int]], pct: float, scheme: str
     return budget_ignore(sweep, pct / 100 * fp8_bytes)
 
 
+def quantize_methods(args) -> tuple[str, ...]:
+    """`--method`, or by default DEFAULT_METHODS (none with --static-activations, which calibrates
+    activation scales instead)."""
+    if args.method is not None:
+        return args.method
+    return () if args.static_activations else DEFAULT_METHODS
+
+
 def cmd_quantize(args) -> int:
     from engine.checkpoints.fp8 import save_quantized
 
     ignore = (*DEFAULT_IGNORE, *_patterns(args.ignore))
-    if args.method or args.budget_pct is not None:
-        return _quantize_calibrated(args, ignore)
+    methods = quantize_methods(args)
+    if methods or args.budget_pct is not None:
+        return _quantize_calibrated(args, ignore, methods)
     input_scales = None
     if args.static_activations:
         from engine.lab.accuracy import calibrate_input_scales
@@ -79,7 +88,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _quantize_calibrated(args, ignore: tuple[str, ...]) -> int:
+def _quantize_calibrated(args, ignore: tuple[str, ...], methods: tuple[str, ...]) -> int:
     from engine.checkpoints.fp8 import save_quantized
     from engine.lab.accuracy import KV_OPTIONS
     from engine.lab.corpora import CALIBRATION_CORPUS, corpus_text, corpus_windows
@@ -94,7 +103,7 @@ def _quantize_calibrated(args, ignore: tuple[str, ...]) -> int:
     if args.budget_pct is not None:
         ignore = (*_budget_ignore(args.model, windows, args.budget_pct, args.scheme), *_patterns(args.ignore))
         _stderr(f"budget {args.budget_pct}%: high precision for {', '.join(ignore)}")
-    recipe = Recipe(args.scheme, ignore, args.method)
+    recipe = Recipe(args.scheme, ignore, methods)
     result = calibrate(llm, windows, recipe, log=_stderr)
     meta = {"scheme": recipe.scheme, "methods": recipe.label, "ignore": list(recipe.ignore), "calibration": corpus,
             "calibration_tokens": result.tokens,
@@ -147,7 +156,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ignore", default=None, help="comma-separated module patterns kept in high precision "
                                                   "(lm_head always is)")
-    p.add_argument("--method", type=_method, default=(), help=f"calibration methods: {methods_help}")
+    p.add_argument("--method", type=_method, default=None,
+                   help=f"calibration methods: {methods_help}; default {method_label(DEFAULT_METHODS)} (the best "
+                        f"measured in bench/ACCURACY.md); 'none' writes amax scales without calibration text")
     p.add_argument("--calibrate", default=None, metavar="FILE",
                    help="calibration text file (default: Python's pydoc_data.topics)")
     p.add_argument("--calibration-tokens", type=int, default=4096)
