@@ -1,7 +1,7 @@
-// Scalar helpers shared by the attention and small-op kernels (attention.cpp, ops.cpp): exact bit
+// Scalar helpers shared by the GEMM, attention and small-op kernels (gemm.cpp, attention.cpp, ops.cpp): exact bit
 // conversions, bf16 rounding, e4m3 rounding (kernels/fp8.py's numerics), the exp2 polynomial's
 // coefficients, the e4m3 table the portable V8 reads, the ISA ids. Included once, outside the per-ISA
-// namespaces, before vec8.h. (gemm.cpp still has its own copies of the ones it uses.)
+// namespaces, before vec8.h.
 #pragma once
 
 #include <immintrin.h>

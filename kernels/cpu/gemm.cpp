@@ -22,7 +22,7 @@
 // Every helper used by the per-ISA kernels is force-inlined: an out-of-line call from AVX code into
 // code compiled for baseline x86-64 (legacy SSE encoding) while ymm registers are live costs ~1000
 // cycles per call on some CPUs (measured 3.4x on a Zen 3 VM).
-#define FP8T_INLINE inline __attribute__((always_inline))
+#include "common.h"  // FP8T_INLINE, Isa, best_isa, bit conversions, e4m3/bf16 rounding, the e4m3 table
 
 namespace fp8t {
 
@@ -35,7 +35,6 @@ enum WType { W_E4M3 = 0, W_BF16 = 1, W_F32 = 2 };
 enum ScaleKind { S_NONE = 0, S_TENSOR, S_ROW, S_GROUP, S_BLOCK };  // GROUP: [rows, K/128]; BLOCK: [rows/128, K/128]
 enum Act { A_FP8 = 0, A_NONE, A_TOKEN, A_TENSOR, A_GROUP };  // how the activations arrive / are quantized
 enum Granularity { Q_TOKEN = 0, Q_TENSOR, Q_GROUP };
-enum Isa { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 // One operand's scale: value for (row, K block).
 struct Scale {
@@ -83,48 +82,12 @@ struct Quant {
 
 // ------------------------------------------------------------------- exact scalar numerics
 
-FP8T_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-FP8T_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 FP8T_INLINE float to_float(float x) { return x; }
 FP8T_INLINE float to_float(at::BFloat16 x) { return bits_to_float(uint32_t(x.x) << 16); }
 
 // kernels/fp8.py compute_scale: max(amax, 1e-12) / 448 in fp32 (NaN stays NaN).
 FP8T_INLINE float compute_scale(float amax) { return std::max(amax, MIN_AMAX) / E4M3_MAX; }
 
-// kernels/fp8.py round_to_e4m3: saturate to +-448, round half to even onto the e4m3 grid (3 mantissa
-// bits, subnormal step 2^-9). Scaling by the grid step is exact (a power of two).
-FP8T_INLINE float round_to_e4m3(float x) {
-  float a = std::fabs(x);
-  if (a > E4M3_MAX) a = E4M3_MAX;  // NaN stays NaN
-  int e = int(float_to_bits(a) >> 23) - 127;
-  e = std::max(e, -6) - 3;
-  const float step = bits_to_float(uint32_t(e + 127) << 23), inv_step = bits_to_float(uint32_t(127 - e) << 23);
-  return std::copysign(std::nearbyint(a * inv_step) * step, x);
-}
-
-// A value on the e4m3 grid -> its float8_e4m3fn byte (NaN -> 0x7F with the sign, as torch).
-FP8T_INLINE uint8_t e4m3_byte(float g) {
-  const uint32_t u = float_to_bits(g), au = u & 0x7FFFFFFFu;
-  const uint8_t sign = uint8_t((u >> 24) & 0x80);
-  if (au > 0x7F800000u) return sign | 0x7F;
-  if (au >= 0x3C800000u)  // >= 2^-6: normal
-    return sign | uint8_t(((int(au >> 23) - 127 + 7) << 3) | ((au >> 20) & 7));
-  return sign | uint8_t(std::fabs(g) * 512.0f);  // subnormal: 0..7 times 2^-9
-}
-
-FP8T_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
-}
 
 // e4m3 byte -> exact fp32 value (NaN for 0x7F / 0xFF): activations given as e4m3.
 struct E4m3Table {
@@ -140,18 +103,6 @@ struct E4m3Table {
 };
 static const E4m3Table kE4m3;
 
-// e4m3 byte -> value * 2^-8, as the vector code decodes it through fp16 (vec8.h; 0x7F -> 480 * 2^-8).
-struct E4m3ScaledTable {
-  float v[256];
-  E4m3ScaledTable() {
-    for (int b = 0; b < 256; ++b) {
-      const int e = (b >> 3) & 0xF, m = b & 7;
-      const float mag = e == 0 ? std::ldexp(float(m), -17) : std::ldexp(float(8 + m), e - 18);
-      v[b] = (b & 0x80) ? -mag : mag;
-    }
-  }
-};
-static const E4m3ScaledTable kE4m3Scaled;
 
 }  // namespace fp8t
 
@@ -187,13 +138,6 @@ namespace fp8t::avx512 {
 namespace fp8t {
 
 // ------------------------------------------------------------------- dispatch
-
-int best_isa() {
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (avx2 && __builtin_cpu_supports("avx512f")) return ISA_AVX512;
-  return avx2 ? ISA_AVX2 : ISA_PORTABLE;
-}
 
 static int checked_isa(int64_t isa) {
   TORCH_CHECK(isa >= ISA_PORTABLE && isa <= best_isa(), "fp8 cpu kernels: ISA ", isa,
