@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.lab.accuracy import DEFAULT_SCHEMES, EvalConfig, EvalResult, corpus_meta, evaluate  # noqa: E402
-from engine.lab.budget import budget_ignore  # noqa: E402
-from engine.lab.corpora import corpus_text, corpus_windows  # noqa: E402
-from engine.lab.recipe import METHODS, method_label  # noqa: E402
-from engine.lab.report import plot, to_json, to_markdown  # noqa: E402
-from engine.model.linear import DEFAULT_IGNORE  # noqa: E402
+from fp8_turbo.engine.lab.accuracy import DEFAULT_SCHEMES, EvalConfig, EvalResult, corpus_meta, evaluate  # noqa: E402
+from fp8_turbo.engine.lab.budget import budget_ignore  # noqa: E402
+from fp8_turbo.engine.lab.corpora import corpus_text, corpus_windows  # noqa: E402
+from fp8_turbo.engine.lab.recipe import METHODS, method_label  # noqa: E402
+from fp8_turbo.engine.lab.report import plot, to_json, to_markdown  # noqa: E402
+from fp8_turbo.engine.model.linear import DEFAULT_IGNORE  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 # Every non-empty combination of the methods, in their canonical order.
@@ -78,8 +78,8 @@ def main() -> int:
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch CPU path (FP8 numerics in fp32)"
     sweep_file = OUT / "accuracy_sweep.json"
     if args.part in ("all", "sweep"):
-        from engine.lab.sensitivity import sensitivity_sweep
-        from engine.llm import LLM
+        from fp8_turbo.engine.lab.sensitivity import sensitivity_sweep
+        from fp8_turbo.engine.llm import LLM
 
         tok = LLM(args.model, device="cpu", kv_cache_memory_bytes=16 << 20).tokenizer
         wins = corpus_windows(tok, corpus_text(args.calib_corpus), args.sweep_tokens, args.sweep_tokens)
@@ -93,7 +93,7 @@ def main() -> int:
         data = json.loads((OUT / "accuracy.json").read_text())
         return _report([EvalResult(**r) for r in data["results"]], data["meta"], sweep_file)
     sweep = json.loads(sweep_file.read_text())["sweep"] if sweep_file.is_file() else None
-    from engine.lab.recipe import parse_methods
+    from fp8_turbo.engine.lab.recipe import parse_methods
 
     todo = configs(sweep, parse_methods(args.best))
     order = [c.label for c in todo]

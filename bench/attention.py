@@ -35,9 +35,9 @@ if not GPU:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import time_ms  # noqa: E402
-from engine.core.kv_cache import kv_bytes_per_token  # noqa: E402
-from kernels.backend import interpreting  # noqa: E402
-from kernels.paged_attention import (  # noqa: E402
+from fp8_turbo.engine.core.kv_cache import kv_bytes_per_token  # noqa: E402
+from fp8_turbo.kernels.backend import interpreting  # noqa: E402
+from fp8_turbo.kernels.paged_attention import (  # noqa: E402
     paged_attention_decode_reference,
     paged_attention_decode_triton,
 )

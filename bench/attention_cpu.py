@@ -1,4 +1,4 @@
-"""CPU paged attention benchmark: our C++ kernel (kernels/cpu/attention.py) vs the torch reference.
+"""CPU paged attention benchmark: our C++ kernel (fp8_turbo/kernels/cpu/attention.py) vs the torch reference.
 
     .venv/bin/python bench/attention_cpu.py                     # SmolLM2 decode shapes, torch's threads
     .venv/bin/python bench/attention_cpu.py --threads 1 --batch 1 32 --context 64 512
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.cpu import attention as cpu_attention  # noqa: E402
-from kernels.fp8 import FP8_DTYPE  # noqa: E402
-from kernels.paged_attention import paged_attention_decode_reference, paged_attention_prefill_reference  # noqa: E402
+from fp8_turbo.kernels.cpu import attention as cpu_attention  # noqa: E402
+from fp8_turbo.kernels.fp8 import FP8_DTYPE  # noqa: E402
+from fp8_turbo.kernels.paged_attention import paged_attention_decode_reference, paged_attention_prefill_reference  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 H, KVH, D, BLOCK = 9, 3, 64, 16

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.core.cuda_graphs import CudaGraphRunner  # noqa: E402
-from engine.core.kv_cache import allocate_kv_caches  # noqa: E402
-from engine.core.model_runner import HostStep  # noqa: E402
-from engine.model.config import ModelConfig, RopeScaling  # noqa: E402
-from engine.model.linear import Linear, QuantConfig  # noqa: E402
-from engine.model.model import LlamaModel, RotaryEmbedding  # noqa: E402
+from fp8_turbo.engine.core.cuda_graphs import CudaGraphRunner  # noqa: E402
+from fp8_turbo.engine.core.kv_cache import allocate_kv_caches  # noqa: E402
+from fp8_turbo.engine.core.model_runner import HostStep  # noqa: E402
+from fp8_turbo.engine.model.config import ModelConfig, RopeScaling  # noqa: E402
+from fp8_turbo.engine.model.linear import Linear, QuantConfig  # noqa: E402
+from fp8_turbo.engine.model.model import LlamaModel, RotaryEmbedding  # noqa: E402
 
 GPU = torch.cuda.is_available()
 OUT = Path(__file__).resolve().parent / "out"

@@ -37,9 +37,9 @@ if not GPU:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import time_ms  # noqa: E402
-from kernels.fp8 import quantize_weight  # noqa: E402
-from kernels.gemm import fp8_gemm  # noqa: E402
-from kernels.quantize import quantize_fp8  # noqa: E402
+from fp8_turbo.kernels.fp8 import quantize_weight  # noqa: E402
+from fp8_turbo.kernels.gemm import fp8_gemm  # noqa: E402
+from fp8_turbo.kernels.quantize import quantize_fp8  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 LAYERS = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import cpu  # noqa: E402
-from kernels.cpu import gemm as cpu_gemm  # noqa: E402
-from kernels.fp8 import quantize_weight  # noqa: E402
-from kernels.gemm import fp8_gemm_reference  # noqa: E402
-from kernels.quantize import quantize_fp8  # noqa: E402
+from fp8_turbo.kernels import cpu  # noqa: E402
+from fp8_turbo.kernels.cpu import gemm as cpu_gemm  # noqa: E402
+from fp8_turbo.kernels.fp8 import quantize_weight  # noqa: E402
+from fp8_turbo.kernels.gemm import fp8_gemm_reference  # noqa: E402
+from fp8_turbo.kernels.quantize import quantize_fp8  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 LAYERS = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}

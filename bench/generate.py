@@ -57,14 +57,14 @@ def _time_runs(generate, new_tokens: int, runs: int) -> tuple[list[float], list[
 
 
 def prompt_ids() -> list[int]:
-    from tokenizer import load_tokenizer
-    from engine.checkpoints.source import resolve_model
+    from fp8_turbo.tokenizer import load_tokenizer
+    from fp8_turbo.engine.checkpoints.source import resolve_model
 
     return load_tokenizer(resolve_model("smollm2-135m-instruct").path).apply_chat_template(PROMPT)
 
 
 def worker_ours(scheme: str, new_tokens: int, runs: int) -> dict:
-    from engine import LLM, SamplingParams
+    from fp8_turbo import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM("smollm2-135m-instruct", quantization=scheme, device="cpu")
@@ -87,7 +87,7 @@ def worker_transformers(new_tokens: int, runs: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.checkpoints.source import resolve_model
+    from fp8_turbo.engine.checkpoints.source import resolve_model
 
     ids = prompt_ids()
     path = resolve_model("smollm2-135m-instruct").path
@@ -106,7 +106,7 @@ def worker_transformers(new_tokens: int, runs: int) -> dict:
 
 def llama_cpp_file(kind: str) -> Path:
     """The bundled Q4_1 GGUF, or its Q8_0 requantization (made once with llama.cpp's quantize API)."""
-    from engine.checkpoints.source import resolve_model
+    from fp8_turbo.engine.checkpoints.source import resolve_model
 
     src = resolve_model("smollm2-135m-instruct").path
     if kind == "Q4_1":

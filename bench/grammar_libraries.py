@@ -1,4 +1,4 @@
-"""xgrammar vs llguidance on SmolLM2's vocabulary: the measurement behind engine/sampling/structured.py.
+"""xgrammar vs llguidance on SmolLM2's vocabulary: the measurement behind fp8_turbo/engine/sampling/structured.py.
 
 For each library, on SmolLM2-135M-Instruct's tokenizer (49152 tokens), in one process, one thread:
 - setup: building the library's tokenizer object (once per engine);
@@ -243,8 +243,8 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1)
-    from engine.checkpoints.source import resolve_model
-    from tokenizer import load_tokenizer
+    from fp8_turbo.engine.checkpoints.source import resolve_model
+    from fp8_turbo.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct").path)
     results, setup = [], {}

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from engine import LLM
-from engine.lab.accuracy import corpus_windows, sequence_logits
+from fp8_turbo import LLM
+from fp8_turbo.engine.lab.accuracy import corpus_windows, sequence_logits
 
-try:  # held-out scoring text (engine/lab/corpora.py), else the lab's one corpus
-    from engine.lab.corpora import SCORING_CORPUS, heldout_text
+try:  # held-out scoring text (fp8_turbo/engine/lab/corpora.py), else the lab's one corpus
+    from fp8_turbo.engine.lab.corpora import SCORING_CORPUS, heldout_text
 except ImportError:
-    from engine.lab.accuracy import corpus_text as heldout_text
+    from fp8_turbo.engine.lab.accuracy import corpus_text as heldout_text
 
     SCORING_CORPUS = "pydoc_data.topics"
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from engine.sampling.sampler import Sampler, SamplingRow, make_generator
-from engine.sampling.params import SamplingParams
+from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, make_generator
+from fp8_turbo.engine.sampling.params import SamplingParams
 
 OUT = Path(__file__).parent / "out"
 BATCHES = (1, 16, 64)
@@ -96,7 +96,7 @@ def real_logits() -> torch.Tensor:
         return torch.load(cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.checkpoints.source import resolve_model
+    from fp8_turbo.engine.checkpoints.source import resolve_model
 
     path = resolve_model("smollm2-135m-instruct").path
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -175,7 +175,7 @@ def measure(source: str, batch: int, vocab: int, step: ProxyStep, runs: int, dev
 
 def measure_engine(quantization: str, batches: tuple[int, ...], clock) -> list[dict]:
     """Sampler time inside the real engine's decode steps, for each batch size."""
-    from engine import LLM
+    from fp8_turbo import LLM
 
     llm = LLM("smollm2-135m-instruct", quantization=quantization, device="cpu")
     engine, sampler, step = llm.engine, llm.engine.sampler, llm.engine.step

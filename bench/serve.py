@@ -186,10 +186,10 @@ def main() -> None:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python even when installed")
     args = p.parse_args()
 
-    from engine.checkpoints.source import resolve_model
+    from fp8_turbo.engine.checkpoints.source import resolve_model
 
     gguf = resolve_model(args.model).path
-    ours = [sys.executable, "-m", "engine", "serve", "--model", args.model, "--quantization", args.quantization,
+    ours = [sys.executable, "-m", "fp8_turbo", "serve", "--model", args.model, "--quantization", args.quantization,
             "--served-model-name", "bench"]
     print(f"fp8-turbo server ({args.model}, {args.quantization}); {machine()}", flush=True)
     # ignore_eos: every request produces exactly max_tokens, so both servers do the same work.

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from engine import LLM, SamplingParams
+from fp8_turbo import LLM, SamplingParams
 
 OUT = Path(__file__).parent / "out"
 PROMPT = [{"role": "user", "content": "Explain in a few paragraphs why the sky is blue."}]
@@ -67,10 +67,10 @@ def start_decoding(llm: LLM, batch: int) -> None:
 
 # (module, launchers) of our C++ kernels, labelled while profiling; modules missing in a checkout are skipped
 CPU_LAUNCHERS = (
-    ("kernels.cpu", ("fp8_linear", "dense_linear", "fp8_gemm", "quantize_fp8")),
-    ("kernels.cpu.gemm", ("fp8_linear", "dense_linear", "fp8_gemm", "quantize_fp8")),
-    ("kernels.cpu.attention", ("paged_attention_decode", "paged_attention_prefill", "write_kv")),
-    ("kernels.cpu.ops", ("rms_norm", "rotary_", "silu_mul")),
+    ("fp8_turbo.kernels.cpu", ("fp8_linear", "dense_linear", "fp8_gemm", "quantize_fp8")),
+    ("fp8_turbo.kernels.cpu.gemm", ("fp8_linear", "dense_linear", "fp8_gemm", "quantize_fp8")),
+    ("fp8_turbo.kernels.cpu.attention", ("paged_attention_decode", "paged_attention_prefill", "write_kv")),
+    ("fp8_turbo.kernels.cpu.ops", ("rms_norm", "rotary_", "silu_mul")),
 )
 
 

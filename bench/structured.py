@@ -1,4 +1,4 @@
-"""Structured outputs: what a grammar costs the engine (engine/sampling/structured.py, llguidance).
+"""Structured outputs: what a grammar costs the engine (fp8_turbo/engine/sampling/structured.py, llguidance).
 
 1. Compile: the llguidance tokenizer over SmolLM2's vocabulary (once per engine), then each spec
    compiled the first time (parse + check + a template matcher) and again (the cache), and a
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-import engine.sampling.sampler as sampler_module
-from engine import LLM, SamplingParams, StructuredOutputsParams
-from engine.sampling.structured import GrammarMatcher, StructuredOutputs, fill_bitmask
+import fp8_turbo.engine.sampling.sampler as sampler_module
+from fp8_turbo import LLM, SamplingParams, StructuredOutputsParams
+from fp8_turbo.engine.sampling.structured import GrammarMatcher, StructuredOutputs, fill_bitmask
 
 OUT = Path(__file__).parent / "out"
 STEPS = 32
@@ -56,9 +56,9 @@ SPECS = {
 
 
 def tool_call_spec() -> StructuredOutputsParams:
-    from engine.serving.structure import TOOL_CALL_SEPARATOR
-    from engine.sampling.structured import json_sequence_grammar
-    from tokenizer.tool_calls import call_schema
+    from fp8_turbo.engine.serving.structure import TOOL_CALL_SEPARATOR
+    from fp8_turbo.engine.sampling.structured import json_sequence_grammar
+    from fp8_turbo.tokenizer.tool_calls import call_schema
 
     functions = [{"name": "get_weather", "parameters": WEATHER},
                  {"name": "search", "parameters": {"type": "object", "properties": {"query": {"type": "string"}},

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from engine import LLM, SamplingParams
-from engine.checkpoints.source import resolve_model
+from fp8_turbo import LLM, SamplingParams
+from fp8_turbo.engine.checkpoints.source import resolve_model
 
 OUT = Path(__file__).parent / "out"
 TOPICS = ["the water cycle", "binary search", "the French revolution", "photosynthesis", "TCP handshakes",

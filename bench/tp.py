@@ -65,8 +65,8 @@ def allreduce_probe(model, rows: list[int], iters: int) -> dict[int, float]:
 
 
 def run_config(tp: int, scheme: str, batches: list[int], runs: int) -> dict:
-    from engine import LLM, SamplingParams
-    from engine.core.workers import collective_timing, memory_report
+    from fp8_turbo import LLM, SamplingParams
+    from fp8_turbo.engine.core.workers import collective_timing, memory_report
 
     floor = memory_report(torch.nn.Module())  # before loading: imports only
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ on a busy 2-core machine; tests/test_tensor_parallel.py runs TP on the CPU):
   or by shape when it starts with `# e.g. ` (sampled output: numbers and quoted strings may differ,
   everything else must match).
 ```bash / ```console blocks: `$ command` lines run (`\\` continues a line; `fp8-turbo` runs this
-  checkout's `python -m engine`), in a scratch directory; the lines below are what they print: stdout
+  checkout's `python -m fp8_turbo`), in a scratch directory; the lines below are what they print: stdout
   exactly, then (if shown) the last line of stderr, a status line with timings, by shape; JSON output
   by shape (keys and value types). Commands the checker knows:
     fp8-turbo serve ...  started in the background on a free port (the README's port 8000 is replaced
@@ -188,7 +188,7 @@ class CommandRunner:
         """The README's port 8000 -> the free port this run serves on; fp8-turbo -> this checkout."""
         text = text.replace(f"127.0.0.1:{README_PORT}", f"127.0.0.1:{self.port}")
         text = text.replace(f"--port {README_PORT}", f"--port {self.port}")
-        return re.sub(r"(^|[|;&]\s*)fp8-turbo\b", lambda m: m.group(1) + shlex.quote(sys.executable) + " -m engine", text)
+        return re.sub(r"(^|[|;&]\s*)fp8-turbo\b", lambda m: m.group(1) + shlex.quote(sys.executable) + " -m fp8_turbo", text)
 
     def check(self, cmd: Command) -> list[str]:
         where = f"README.md:{cmd.line} `{cmd.text[:60]}`"
@@ -219,7 +219,7 @@ class CommandRunner:
 
     def _check_shown(self, where: str, words: list[str]) -> list[str]:
         if words[0] == "fp8-turbo":
-            from engine.serving.cli import build_parser
+            from fp8_turbo.engine.serving.cli import build_parser
 
             err = io.StringIO()
             try:

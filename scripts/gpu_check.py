@@ -185,9 +185,9 @@ class Check:
         self.check(part, "pytest -m gpu", ok, f"rc={r.returncode} {part.numbers['summary']}")
 
     def part_kernels_70b(self, part: Part) -> None:
-        from kernels.fp8 import dequantize_fp8, quantize_weight
-        from kernels.gemm import fp8_gemm, fp8_gemm_reference, fp8_weight_only_gemm, fp8_weight_only_gemm_reference
-        from kernels.quantize import quantize_fp8
+        from fp8_turbo.kernels.fp8 import dequantize_fp8, quantize_weight
+        from fp8_turbo.kernels.gemm import fp8_gemm, fp8_gemm_reference, fp8_weight_only_gemm, fp8_weight_only_gemm_reference
+        from fp8_turbo.kernels.quantize import quantize_fp8
 
         dev = self.device
         shrink = 64 if not self.gpu else 1
@@ -275,9 +275,9 @@ class Check:
         self.check(part, name, err <= rel and bool(torch.isfinite(got).all()), f"rel L2 err {err:.2e} (<= {rel})")
 
     def part_kv_offsets(self, part: Part) -> None:
-        from kernels import paged_attention_decode, paged_attention_prefill, write_kv
-        from kernels.kv_write import write_kv_reference
-        from kernels.paged_attention import paged_attention_decode_reference, paged_attention_prefill_reference
+        from fp8_turbo.kernels import paged_attention_decode, paged_attention_prefill, write_kv
+        from fp8_turbo.kernels.kv_write import write_kv_reference
+        from fp8_turbo.kernels.paged_attention import paged_attention_decode_reference, paged_attention_prefill_reference
 
         per_block = BLOCK * KV_HEADS * HEAD_DIM
         # the sequences' blocks start at the first block past element offset 2^31 (a 2.1 GB e4m3 cache
@@ -311,8 +311,8 @@ class Check:
                       paged_attention_prefill_reference(*args))
 
     def part_decode_256(self, part: Part) -> None:
-        from kernels import paged_attention_decode
-        from kernels.paged_attention import paged_attention_decode_reference
+        from fp8_turbo.kernels import paged_attention_decode
+        from fp8_turbo.kernels.paged_attention import paged_attention_decode_reference
 
         batch, context = (256, 2048) if self.gpu else (8, 100)
         if self.args.quick and self.gpu:
@@ -329,9 +329,9 @@ class Check:
 
     def part_cuda_graph(self, part: Part) -> None:
         from bench.decode_step import LLAMA_70B, TINY, build_model, decode_host
-        from engine.core.cuda_graphs import CudaGraphRunner, bucket_for
-        from engine.core.kv_cache import allocate_kv_caches
-        from engine.core.model_runner import unpack_step
+        from fp8_turbo.engine.core.cuda_graphs import CudaGraphRunner, bucket_for
+        from fp8_turbo.engine.core.kv_cache import allocate_kv_caches
+        from fp8_turbo.engine.core.model_runner import unpack_step
 
         dev = self.device
         dtype = torch.bfloat16 if self.gpu else torch.float32
@@ -451,7 +451,7 @@ class Check:
 
 
 def _to(device: torch.device, host, max_blocks: int) -> torch.Tensor:
-    from engine.core.model_runner import pack_step
+    from fp8_turbo.engine.core.model_runner import pack_step
 
     return pack_step(host, max_blocks, pin=False).to(device)
 

@@ -5,7 +5,7 @@
 # collects and compiles there:
 #
 #     bash scripts/gpu_venv.sh [DIR]          # default: .gpu-venv (git-ignored)
-#     DIR/bin/python -c "from engine import LLM"
+#     DIR/bin/python -c "from fp8_turbo import LLM"
 #     DIR/bin/python -m pytest --collect-only -q -m gpu tests
 #     DIR/bin/python -m pytest -q tests/test_aot_gemm.py tests/test_aot_attention.py
 #     DIR/bin/python scripts/gpu_check.py --dry-run --out /tmp/gpu-dry

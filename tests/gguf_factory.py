@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType, quants
 
-from tokenizer.gguf_header import gguf_metadata
+from fp8_turbo.tokenizer.gguf_header import gguf_metadata
 
 QType = GGMLQuantizationType
 

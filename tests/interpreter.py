@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kernels.backend import interpreting
+from fp8_turbo.kernels.backend import interpreting
 
 SKIP_REASON = "runs in test_interpreter_subprocess (TRITON_INTERPRET=1)"
 in_interpreter = pytest.mark.skipif(not interpreting(), reason=SKIP_REASON)

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from engine.core.engine_config import EngineConfig
-from engine.core.llm_engine import LLMEngine
-from engine.serving.lifecycle import uvicorn_config
-from engine.serving.metrics import parse_metrics
-from engine.serving.server import build_app
+from fp8_turbo.engine.core.engine_config import EngineConfig
+from fp8_turbo.engine.core.llm_engine import LLMEngine
+from fp8_turbo.engine.serving.lifecycle import uvicorn_config
+from fp8_turbo.engine.serving.metrics import parse_metrics
+from fp8_turbo.engine.serving.server import build_app
 
 SEED_MODEL_NAME = "meta-llama/Llama-3.3-70B-Instruct-Turbo"  # the name in seed-api.txt's examples
 

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from engine import LLM
-from engine.lab.accuracy import TokenStats, evaluate, sequence_logits
-from engine.lab.corpora import corpus_text, corpus_windows, heldout_text
-from engine.lab.sensitivity import _BlockCache, quantize_only, sensitivity_sweep
-from engine.serving.cli_quant import add_commands
-from engine.model.linear import Linear
+from fp8_turbo import LLM
+from fp8_turbo.engine.lab.accuracy import TokenStats, evaluate, sequence_logits
+from fp8_turbo.engine.lab.corpora import corpus_text, corpus_windows, heldout_text
+from fp8_turbo.engine.lab.sensitivity import _BlockCache, quantize_only, sensitivity_sweep
+from fp8_turbo.engine.serving.cli_quant import add_commands
+from fp8_turbo.engine.model.linear import Linear
 from model_factory import VOCAB, make_checkpoint
 
 WINDOWS = [torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]

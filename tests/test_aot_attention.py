@@ -18,8 +18,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import kv_write, paged_attention as pa
-from kernels.backend import interpreting
+from fp8_turbo.kernels import kv_write, paged_attention as pa
+from fp8_turbo.kernels.backend import interpreting
 
 pytestmark = pytest.mark.skipif(interpreting(), reason="AOT compile needs the compiled (not interpreted) kernels")
 

@@ -22,8 +22,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.gemm as gemm
-from kernels import quantize as quant
+import fp8_turbo.kernels.gemm as gemm
+from fp8_turbo.kernels import quantize as quant
 
 H100_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on H100 (228 KB per SM)
 MAX_SPILL_BYTES = 256  # a few spilled registers are tolerable; more means the tile is too big

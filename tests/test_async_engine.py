@@ -11,9 +11,9 @@ import asyncio
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.core.async_engine import AsyncLLMEngine
-from engine.core.llm_engine import PromptTooLongError
+from fp8_turbo import LLM, SamplingParams
+from fp8_turbo.engine.core.async_engine import AsyncLLMEngine
+from fp8_turbo.engine.core.llm_engine import PromptTooLongError
 from model_factory import VOCAB, make_checkpoint
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from fp8_turbo import LLM, SamplingParams
 from model_factory import VOCAB, make_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -126,7 +126,7 @@ def test_kv_cache_memory_option_sets_the_cpu_budget(path):
     """`--kv-cache-memory` / LLM(kv_cache_memory_bytes=...): the CPU cache holds what the budget buys."""
     import argparse
 
-    from engine.serving.cli import build_parser, memory_size
+    from fp8_turbo.engine.serving.cli import build_parser, memory_size
 
     assert [memory_size(s) for s in ("256MiB", "1.5GB", "2g", "4096", "64 KiB")] == [
         256 << 20, 1_500_000_000, 2_000_000_000, 4096, 64 << 10]

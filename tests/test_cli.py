@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoints.source import resolve_model
-from engine.serving.cli import build_parser, listen_problem, main
-from engine.serving.cli_quant import EVAL_SCHEMES
+from fp8_turbo.engine.checkpoints.source import resolve_model
+from fp8_turbo.engine.serving.cli import build_parser, listen_problem, main
+from fp8_turbo.engine.serving.cli_quant import EVAL_SCHEMES
 from model_factory import make_checkpoint
-from tokenizer import load_tokenizer
+from fp8_turbo.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Our CPU paged attention (kernels/cpu/attention.py): against the torch reference, and bit-identical rows
+"""Our CPU paged attention (fp8_turbo/kernels/cpu/attention.py): against the torch reference, and bit-identical rows
 whatever the batch, the prompt's chunking, decode vs prefill, the thread count and the ISA.
 
 Tolerance (vs kernels.paged_attention's SDPA reference, fp32). Per query row with keys j < L, scores
@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kernels import cpu
-from kernels.cpu import attention as cpu_attention
-from kernels.fp8 import FP8_DTYPE
-from kernels.paged_attention import (paged_attention_decode, paged_attention_decode_reference, paged_attention_prefill,
+from fp8_turbo.kernels import cpu
+from fp8_turbo.kernels.cpu import attention as cpu_attention
+from fp8_turbo.kernels.fp8 import FP8_DTYPE
+from fp8_turbo.kernels.paged_attention import (paged_attention_decode, paged_attention_decode_reference, paged_attention_prefill,
                                      paged_attention_prefill_reference)
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU kernels could not be built")
@@ -239,7 +239,7 @@ def test_isas_and_threads_agree(cache_dtype):
 def test_dispatch_and_fallback(monkeypatch):
     """CPU tensors run our kernel when it takes the call; dtypes it does not handle (fp16) and a failed
     build run the torch reference."""
-    import kernels.paged_attention as pa
+    import fp8_turbo.kernels.paged_attention as pa
 
     paged = Paged([20], 1, 64, torch.float32)
     q = torch.randn(1, 4, 64)
@@ -259,7 +259,7 @@ def test_dispatch_and_fallback(monkeypatch):
 def test_write_kv_is_the_reference_bit_for_bit(t, kvh, d, src_dtype, cache_dtype, k_scale, seed):
     """kernels.write_kv on CPU (our loop) leaves the caches byte for byte as the reference does: strided
     k, v views of a fused projection, skipped (negative) slots, saturating e4m3 values."""
-    from kernels.kv_write import write_kv, write_kv_reference
+    from fp8_turbo.kernels.kv_write import write_kv, write_kv_reference
 
     g = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(t, 3 * kvh * d, generator=g) * torch.logspace(-4, 4, t)[:, None]).to(src_dtype)

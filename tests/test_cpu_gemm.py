@@ -16,10 +16,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kernels import cpu
-from kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
-from kernels.gemm import fp8_gemm, fp8_gemm_reference, fp8_weight_only_gemm, fp8_weight_only_gemm_reference
-from kernels.quantize import quantize_fp8
+from fp8_turbo.kernels import cpu
+from fp8_turbo.kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
+from fp8_turbo.kernels.gemm import fp8_gemm, fp8_gemm_reference, fp8_weight_only_gemm, fp8_weight_only_gemm_reference
+from fp8_turbo.kernels.quantize import quantize_fp8
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels could not be built (see the warning)")
 
@@ -269,7 +269,7 @@ def test_isas_and_threads_agree(name, k, make):
 
 def test_isa_environment_override(monkeypatch):
     """FP8_TURBO_CPU_ISA / ATEN_CPU_CAPABILITY pick the instruction set (capped at the CPU's)."""
-    from kernels.cpu import gemm
+    from fp8_turbo.kernels.cpu import gemm
 
     for env, want in [({"ATEN_CPU_CAPABILITY": "default"}, "portable"), ({"FP8_TURBO_CPU_ISA": "scalar"}, "portable"),
                       ({"ATEN_CPU_CAPABILITY": "avx2"}, "avx2" if "avx2" in ISAS else ISAS[-1]),
@@ -285,21 +285,22 @@ def test_isa_environment_override(monkeypatch):
 def test_fallback_when_unavailable(monkeypatch, caplog, tmp_path):
     """A build that fails logs one warning and yields None (so does FP8_TURBO_CPU_KERNELS=0), and
     kernels.fp8_gemm then runs the torch reference."""
-    import kernels.cpu
-    from kernels.cpu import build
+    import fp8_turbo.kernels.cpu
+    from fp8_turbo import kernels
+    from fp8_turbo.kernels.cpu import build
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(build, "_compile", broken)
-    monkeypatch.setattr(build, "BUILD_ROOT", tmp_path)
+    monkeypatch.setenv("FP8_TURBO_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "_loaded", {})
     with caplog.at_level("WARNING"):
         assert build.load("fp8t_never_built", ["gemm.cpp"]) is None
         assert build.load("fp8t_never_built", ["gemm.cpp"]) is None
     assert sum("unavailable" in r.message for r in caplog.records) == 1
     monkeypatch.setenv("FP8_TURBO_CPU_KERNELS", "0")
-    assert build.load("fp8t_turned_off", ["gemm.cpp"]) is None and not list(tmp_path.glob("fp8t_turned_off*"))
+    assert build.load("fp8t_turned_off", ["gemm.cpp"]) is None and not list(tmp_path.rglob("fp8t_turned_off*"))
 
     monkeypatch.setattr(kernels.cpu, "available", lambda: False)
     b, s = quantize_weight(torch.randn(4, 40), "channel")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.model.linear import Linear
-from kernels import cpu as cpu_kernels
+from fp8_turbo import LLM, SamplingParams
+from fp8_turbo.engine.model.linear import Linear
+from fp8_turbo.kernels import cpu as cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels are not built (no compiler)")
 
@@ -122,7 +122,7 @@ def test_seeded_sample_batch_invariant(llm, prompts):
 
 def _reference_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """The torch FP8 reference of one layer on input x (kernels.quantize_fp8's numerics, fp32 matmul)."""
-    from kernels.quantize import fake_quantize_fp8
+    from fp8_turbo.kernels.quantize import fake_quantize_fp8
 
     w = layer.dequantized_weight()
     if layer.act_granularity is not None:
@@ -133,7 +133,7 @@ def _reference_linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 def _magnitude(layer, x: torch.Tensor) -> torch.Tensor:
     """sum_k |x_k| |w_k| per output element, with the activation as the layer quantizes it."""
-    from kernels.quantize import fake_quantize_fp8
+    from fp8_turbo.kernels.quantize import fake_quantize_fp8
 
     if layer.act_granularity is not None:
         x = fake_quantize_fp8(x.float(), layer.act_granularity, scale=layer.input_scale)
@@ -150,7 +150,7 @@ def test_every_linear_matches_torch_reference(llm):
         x = args[0].reshape(-1, layer.in_features)
         if layer.act_granularity is not None:  # the fused quantization is bit-identical to the reference
             xq_ref, s_ref = cpu_kernels.quantize_fp8(x, layer.act_granularity)  # C++, as fused in fp8_linear
-            from kernels.quantize import quantize_fp8_reference
+            from fp8_turbo.kernels.quantize import quantize_fp8_reference
 
             xq, s = quantize_fp8_reference(x, layer.act_granularity, 128, None)
             if not (torch.equal(xq_ref.view(torch.uint8), xq.view(torch.uint8))
@@ -208,9 +208,9 @@ def test_greedy_chats_follow_reference(llm, monkeypatch):
     generated = [o.outputs[0].token_ids for o in outs]
     ours = [_teacher_forced(llm, p, g) for p, g in zip(prompts, generated)]
 
-    import kernels.cpu
-    import kernels.cpu.attention
-    import kernels.cpu.ops
+    import fp8_turbo.kernels.cpu.attention
+    import fp8_turbo.kernels.cpu.ops
+    from fp8_turbo import kernels
 
     monkeypatch.setattr(kernels.cpu, "available", lambda: False)  # torch references from here on
     monkeypatch.setattr(kernels.cpu.attention, "supports", lambda *args: False)

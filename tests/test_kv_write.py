@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from interpreter import in_interpreter, rerun_in_interpreter
-from kernels.backend import interpreting
-from kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
+from fp8_turbo.kernels.backend import interpreting
+from fp8_turbo.kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
 
 
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from engine import LLM
-from engine.model.config import ConfigError
-from engine.model.linear import Linear
-from engine.checkpoints.source import CheckpointError
+from fp8_turbo import LLM
+from fp8_turbo.engine.model.config import ConfigError
+from fp8_turbo.engine.model.linear import Linear
+from fp8_turbo.engine.checkpoints.source import CheckpointError
 from model_factory import make_checkpoint
 
 
@@ -32,7 +32,7 @@ def test_fp8_layers_are_quantized_as_they_stream_in(src, monkeypatch):
         original(self)
 
     spy.model_ref = None
-    import engine.checkpoints.loader as loader
+    import fp8_turbo.engine.checkpoints.loader as loader
 
     build = loader.LlamaModel
 
@@ -66,7 +66,7 @@ def test_bad_checkpoints_raise_clear_errors(src, tmp_path):
 
 
 def test_prompt_longer_than_max_model_len_is_rejected(src):
-    from engine.core.llm_engine import PromptTooLongError
+    from fp8_turbo.engine.core.llm_engine import PromptTooLongError
 
     llm = LLM(str(src), device="cpu", max_model_len=32)
     with pytest.raises(PromptTooLongError, match="max_model_len is 32"):

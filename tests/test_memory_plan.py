@@ -5,10 +5,10 @@ import json
 
 import torch
 
-from engine.core.memory_plan import GiB, plan_memory
-from engine.model.config import ModelConfig
-from engine.model.linear import QuantConfig
-from engine.serving.cli import main
+from fp8_turbo.engine.core.memory_plan import GiB, plan_memory
+from fp8_turbo.engine.model.config import ModelConfig
+from fp8_turbo.engine.model.linear import QuantConfig
+from fp8_turbo.engine.serving.cli import main
 
 LLAMA_33_70B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=8192,

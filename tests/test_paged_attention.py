@@ -11,9 +11,9 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 from interpreter import in_interpreter, rerun_in_interpreter
-from kernels.backend import interpreting
-from kernels.kv_write import write_kv
-from kernels.paged_attention import (
+from fp8_turbo.kernels.backend import interpreting
+from fp8_turbo.kernels.kv_write import write_kv
+from fp8_turbo.kernels.paged_attention import (
     paged_attention_decode,
     paged_attention_decode_reference,
     paged_attention_decode_triton,

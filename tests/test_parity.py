@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from fp8_turbo import LLM, SamplingParams
 from model_factory import STYLES, VOCAB, load_reference, make_checkpoint
 
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kernels.backend import interpreting
-from kernels.fp8 import E4M3_MAX, FP8_DTYPE, MIN_AMAX, dequantize_fp8
-from kernels.quantize import fake_quantize_fp8, quantize_fp8, quantize_fp8_reference
+from fp8_turbo.kernels.backend import interpreting
+from fp8_turbo.kernels.fp8 import E4M3_MAX, FP8_DTYPE, MIN_AMAX, dequantize_fp8
+from fp8_turbo.kernels.quantize import fake_quantize_fp8, quantize_fp8, quantize_fp8_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=N
 
 def interp_dispatches_to_triton():
     assert interpreting(), "interp_* tests must run with TRITON_INTERPRET=1"
-    import kernels.quantize as mod
+    import fp8_turbo.kernels.quantize as mod
     from triton.runtime.interpreter import InterpretedFunction
 
     assert isinstance(mod._quantize_row_kernel, InterpretedFunction)

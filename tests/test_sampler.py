@@ -27,10 +27,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import engine.sampling.sampler as sampler_module
-from engine.sampling.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs, make_generator, processed_probs
-from engine.sampling.ops import argmax_of_rows, draw_from_weights, top_k_of_rows
-from engine.sampling.params import SamplingParams
+import fp8_turbo.engine.sampling.sampler as sampler_module
+from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs, make_generator, processed_probs
+from fp8_turbo.engine.sampling.ops import argmax_of_rows, draw_from_weights, top_k_of_rows
+from fp8_turbo.engine.sampling.params import SamplingParams
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -446,7 +446,7 @@ def test_sampler_logprobs_come_from_the_raw_logits():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from engine import LLM
+    from fp8_turbo import LLM
 
     return LLM("smollm2-135m-instruct", device="cpu")
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from engine.sampling.params import SamplingParams
+from fp8_turbo.engine.sampling.params import SamplingParams
 
 # (field, bad value, the range as the message writes it)
 OUT_OF_RANGE = [

@@ -6,10 +6,10 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from engine.core.kv_cache import BlockManager
-from engine.sampling.params import SamplingParams
-from engine.core.scheduler import Scheduler, WaitingQueue
-from engine.core.sequence import Sequence
+from fp8_turbo.engine.core.kv_cache import BlockManager
+from fp8_turbo.engine.sampling.params import SamplingParams
+from fp8_turbo.engine.core.scheduler import Scheduler, WaitingQueue
+from fp8_turbo.engine.core.sequence import Sequence
 
 
 def simulate(seed: int, num_blocks: int, block_size: int, budget: int, max_seqs: int, n_requests: int,

@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from engine.core.llm_engine import LLMEngine
-from engine.core.engine_config import EngineConfig
-from engine.serving.limits import ServerLimits
+from fp8_turbo.engine.core.llm_engine import LLMEngine
+from fp8_turbo.engine.core.engine_config import EngineConfig
+from fp8_turbo.engine.serving.limits import ServerLimits
 from server_fixture import SEED_MODEL_NAME, ScriptedSampler, smollm2_available, start_server, tiny_engine
 
 MODEL = SEED_MODEL_NAME

@@ -12,10 +12,10 @@ import time
 import httpx
 import pytest
 
-from engine.core.async_engine import FatalEngineError
-from engine.core.engine_config import EngineConfig
-from engine.core.llm_engine import LLMEngine
-from engine.serving.limits import MAX_JSON_DEPTH, ServerLimits
+from fp8_turbo.engine.core.async_engine import FatalEngineError
+from fp8_turbo.engine.core.engine_config import EngineConfig
+from fp8_turbo.engine.core.llm_engine import LLMEngine
+from fp8_turbo.engine.serving.limits import MAX_JSON_DEPTH, ServerLimits
 from model_factory import VOCAB
 from server_fixture import SEED_MODEL_NAME as MODEL, start_server, tiny_engine
 

@@ -29,15 +29,20 @@ def checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ck"), "llama31")
 
 
+def spawn(checkpoint: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """tests/serve_child.py on a free port: the process and its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{CHILD.parent}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(CHILD), str(checkpoint), str(port), *options], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 class ChildServer:
     def __init__(self, checkpoint: Path, *options: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{CHILD.parent}", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(CHILD), str(checkpoint), str(port), *options], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc, self.url = spawn(checkpoint, *options)
         deadline = time.monotonic() + 120
         while True:
             assert self.proc.poll() is None, f"the server exited at start-up:\n{self.proc.stdout.read()}"
@@ -151,5 +156,47 @@ def test_dead_engine_loop_fails_pending_requests_and_exits_nonzero(checkpoint):
             s.join(10)
             assert not s.is_alive() and s.events[-1] == "[DONE]" and s.errors(), s.events[-3:]
         assert time.monotonic() - t0 < 15
+    finally:
+        server.close()
+
+
+def test_a_server_that_cannot_compute_exits_1_before_serving(checkpoint):
+    """Every forward raises (as when a shadowing `kernels` package broke every step): the start-up check's
+    one-token forward fails, the process logs why and exits 1, and it never listened."""
+    proc, url = spawn(checkpoint, "--broken-forward", "0")
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out[-3000:]
+    assert "the engine cannot compute" in out and "has no attribute 'write_kv'" in out, out[-3000:]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)
+
+
+def test_a_forward_that_starts_failing_turns_health_503_and_exits_nonzero(checkpoint):
+    """The start-up check passes (its one forward works), then every forward raises. One failing step fails
+    its request (500 with the request id) and the server goes on; MAX_FAILED_STEPS in a row mean the
+    engine cannot compute: /health turns 503 (a stream kept open holds the server up to see it) and the
+    process exits non-zero for a supervisor to restart it."""
+    from fp8_turbo.engine.core.async_engine import MAX_FAILED_STEPS
+
+    server = ChildServer(checkpoint, "--broken-forward", "1")
+    try:
+        for i in range(MAX_FAILED_STEPS):
+            r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 2},
+                           timeout=30)
+            assert r.status_code == 500 and r.headers["x-request-id"] in r.json()["error"]["message"], r.text
+            if i < MAX_FAILED_STEPS - 1:
+                assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+            else:
+                try:  # the server exits once its last responses are out: 503 while it still listens
+                    health = httpx.get(f"{server.url}/health", timeout=10).status_code
+                except httpx.TransportError:
+                    health = None
+                assert health in (503, None), health
+        assert server.wait(30) != 0
+        out = server.proc.stdout.read()
+        assert f"{MAX_FAILED_STEPS} engine steps in a row failed" in out, out[-3000:]
     finally:
         server.close()

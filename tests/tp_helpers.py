@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.linear import Linear
-from engine.model.parallel import RowParallelLinear
-from kernels.fp8 import dequantize_fp8
-from kernels.quantize import fake_quantize_fp8
+from fp8_turbo.engine.model.linear import Linear
+from fp8_turbo.engine.model.parallel import RowParallelLinear
+from fp8_turbo.kernels.fp8 import dequantize_fp8
+from fp8_turbo.kernels.quantize import fake_quantize_fp8
 
 U = 2.0 ** -24  # fp32 unit roundoff
 
