@@ -23,8 +23,12 @@ from fp8_turbo.kernels.quantize import quantize_fp8
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels could not be built (see the warning)")
 
-ACT = ["tensor", "token", "group"]
-WEIGHT = ["tensor", "channel", "block", "group"]  # group: [N, ceil(K/128)] (fused unaligned shards)
+ACT = ["tensor", "token", "group", "group32", "mx"]  # group: 1x128; group32: 1x32; mx: 1x32, power-of-two scales
+# group: [N, ceil(K/128)] fp32 (fused unaligned shards); group32/group64: finer fp32 group scales along K;
+# mx: MXFP8, [N, ceil(K/32)] float8_e8m0fnu power-of-two scales
+WEIGHT = ["tensor", "channel", "block", "group", "group32", "group64", "mx"]
+ACT_ARGS = {"tensor": ("tensor", 128, False), "token": ("token", 128, False), "group": ("group", 128, False),
+            "group32": ("group", 32, False), "mx": ("group", 32, True)}  # -> quantize_fp8 / fp8_linear arguments
 OUT_RTOL = {torch.float32: 0.0, torch.bfloat16: 2.0**-7}
 ISAS = cpu.supported_isas() if cpu.available() else ()
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -33,7 +37,22 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=N
 def weights(n, k, weight, g):
     w = torch.randn(n, k, generator=g) * 0.05
     w[::5] = 0.0  # all-zero rows: tiny scales, still finite
+    if weight in ("group32", "group64"):
+        return quantize_weight(w, "group", int(weight[5:]))
     return quantize_fp8(w, "group") if weight == "group" else quantize_weight(w, weight)
+
+
+def quantize_act(x, act):
+    granularity, group, pow2 = ACT_ARGS[act]
+    return quantize_fp8(x, granularity, group, pow2=pow2)
+
+
+def linear(x, b, b_scale, act, **kw):
+    """cpu.fp8_linear with an ACT name (None: weight-only)."""
+    if act is None:
+        return cpu.fp8_linear(x, b, b_scale, None, **kw)
+    granularity, group, pow2 = ACT_ARGS[act]
+    return cpu.fp8_linear(x, b, b_scale, granularity, act_group=group, act_pow2=pow2, **kw)
 
 
 def activations(m, k, g, dtype=torch.float32):
@@ -73,13 +92,14 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_fp8_gemm_matches_reference(m, n, k, act, weight, has_bias, out_dtype, seed):
     """kernels.fp8_gemm on CPU tensors (our kernel) vs the torch reference, every scale layout."""
     g = torch.Generator().manual_seed(seed)
-    a, a_scale = quantize_fp8(activations(m, k, g), act)
+    a, a_scale = quantize_act(activations(m, k, g), act)
     b, b_scale = weights(n, k, weight, g)
     bias = torch.randn(n, generator=g).to(out_dtype) if has_bias else None
     c = fp8_gemm(a, b, a_scale, b_scale, out_dtype, bias)
     assert c.dtype == out_dtype
     ref = fp8_gemm_reference(a, b, a_scale, b_scale, torch.float32, bias)
-    assert_within(c, ref, tolerance(dequantize_fp8(a, a_scale), dequantize_fp8(b, b_scale), ref, bias, out_dtype))
+    assert_within(c, ref, tolerance(dequantize_fp8(a, a_scale), dequantize_fp8(b, b_scale), ref, bias,
+                                    out_dtype))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 70])  # every small-M kernel, and the panel path
@@ -87,12 +107,13 @@ def test_fp8_gemm_matches_reference(m, n, k, act, weight, has_bias, out_dtype, s
 def test_every_layout_and_path(m, act, weight):
     """Each scale layout through each kernel shape (ragged N > 128 and K > 128: several scale blocks)."""
     g = torch.Generator().manual_seed(m)
-    a, a_scale = quantize_fp8(activations(m, 300, g), act)
+    a, a_scale = quantize_act(activations(m, 300, g), act)
     b, b_scale = weights(201, 300, weight, g)
     bias = torch.randn(201, generator=g)
     c = fp8_gemm(a, b, a_scale, b_scale, torch.float32, bias)
     ref = fp8_gemm_reference(a, b, a_scale, b_scale, torch.float32, bias)
-    assert_within(c, ref, tolerance(dequantize_fp8(a, a_scale), dequantize_fp8(b, b_scale), ref, bias, torch.float32))
+    assert_within(c, ref, tolerance(dequantize_fp8(a, a_scale), dequantize_fp8(b, b_scale), ref, bias,
+                                    torch.float32))
 
 
 @SETTINGS
@@ -108,14 +129,14 @@ def test_fp8_linear_matches_reference(m, n, k, act, weight, x_dtype, has_bias, s
     x = activations(m, k, g, x_dtype)
     b, b_scale = weights(n, k, weight, g)
     bias = torch.randn(n, generator=g) if has_bias else None
-    y = cpu.fp8_linear(x, b, b_scale, act, bias=bias)
+    y = linear(x, b, b_scale, act, bias=bias)
     assert y.dtype == x_dtype and y.shape == (m, n)
     b_deq = dequantize_fp8(b, b_scale)
     if act is None:
         a_deq = x.float()
         ref = a_deq @ b_deq.T + (bias if bias is not None else 0)
     else:
-        a, a_scale = quantize_fp8(x, act)
+        a, a_scale = quantize_act(x, act)
         a_deq = dequantize_fp8(a, a_scale)
         ref = fp8_gemm_reference(a, b, a_scale, b_scale, torch.float32, bias)
     assert_within(y, ref, tolerance(a_deq, b_deq, ref, bias, x_dtype))
@@ -171,18 +192,26 @@ def test_edge_values():
 # ------------------------------------------------------------------------------------ quantization
 
 
-@pytest.mark.parametrize("granularity", ["token", "tensor", "group"])
+@pytest.mark.parametrize("granularity, group, pow2", [("token", 128, False), ("tensor", 128, False),
+                                                     ("group", 128, False), ("group", 32, False), ("group", 64, False),
+                                                     ("group", 32, True), ("token", 128, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_bit_exact(granularity, dtype):
-    """Bytes and scales equal kernels.quantize_fp8's exactly: ties, subnormals, saturation, zeros."""
+def test_quantize_bit_exact(granularity, group, pow2, dtype):
+    """Bytes and scales equal kernels.quantize_fp8's exactly: ties, subnormals, saturation, zeros;
+    group sizes and power-of-two (MXFP8) scales."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(50, 333, generator=g) * torch.logspace(-30, 30, 50)[:, None]
     x[3] = 0.0
     x[4, :20] = torch.tensor([448.0, 464.0, 480.0, 2.0**-10, 3 * 2.0**-10, 2.0**-7 * 17, -0.0, 1e-40, 7.5, 8.5] * 2)
+    x[5, :64] = 448.0 * 2.0**-3  # amax / 448 is a power of two: pow2 keeps it
     x = x.to(dtype)
-    ref_q, ref_s = quantize_fp8(x, granularity)
+    ref_q, ref_s = quantize_fp8(x, granularity, group, pow2=pow2)
+    if pow2:  # the plain scale rounded up to the next power of two (kept when it is one already)
+        plain = quantize_fp8(x, granularity, group)[1]
+        assert (ref_s >= plain).all() and (ref_s < 2 * plain).all()
+        assert torch.equal(torch.frexp(ref_s).mantissa, torch.full_like(ref_s, 0.5))
     for isa in ISAS:
-        q, s = cpu.quantize_fp8(x, granularity, isa=isa)
+        q, s = cpu.quantize_fp8(x, granularity, group, pow2=pow2, isa=isa)
         assert torch.equal(s, ref_s), isa
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), isa
     static = torch.tensor([0.5])  # a static scale that saturates the large rows
@@ -191,7 +220,8 @@ def test_quantize_bit_exact(granularity, dtype):
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, static)
 
 
-@pytest.mark.parametrize("act, weight", [("token", "channel"), ("tensor", "tensor"), ("group", "block"), ("token", "group")])
+@pytest.mark.parametrize("act, weight", [("token", "channel"), ("tensor", "tensor"), ("group", "block"), ("token", "group"),
+                                         ("group32", "group32"), ("mx", "mx"), ("token", "group64"), ("group", "mx")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_quantization_is_quantize_then_gemm(act, weight, dtype):
     """fp8_linear(x) == fp8_gemm(quantize_fp8(x)) bit for bit: the fused quantization produces the
@@ -199,9 +229,40 @@ def test_fused_quantization_is_quantize_then_gemm(act, weight, dtype):
     g = torch.Generator().manual_seed(5)
     x = activations(37, 300, g, dtype)
     b, b_scale = weights(70, 300, weight, g)
-    a, a_scale = quantize_fp8(x, act)
+    a, a_scale = quantize_act(x, act)
     expected = fp8_gemm(a, b, a_scale, b_scale, torch.float32)
-    assert torch.equal(bits(cpu.fp8_linear(x, b, b_scale, act, out_dtype=torch.float32)), bits(expected))
+    assert torch.equal(bits(linear(x, b, b_scale, act, out_dtype=torch.float32)), bits(expected))
+
+
+def test_group_scales_of_one_value_equal_channel_scales():
+    """A group scale that is the same along K computes what the per-channel scale does, up to where the
+    scale is applied (per 32-block partial sum vs after the tree): within the summation bound, and
+    MXFP8 with power-of-two scales equal to fp32 group scales of the same values bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    x = activations(5, 320, g)
+    w = torch.randn(40, 320, generator=g) * 0.05
+    q, s = quantize_weight(w, "channel")
+    s = torch.exp2(torch.round(torch.log2(s)))  # powers of two, so E8M0 holds them exactly
+    s32 = s.expand(40, 10).contiguous()
+    y_channel = cpu.fp8_linear(x, q, s, None, out_dtype=torch.float32)
+    y_group = cpu.fp8_linear(x, q, s32, None, out_dtype=torch.float32)
+    y_mx = cpu.fp8_linear(x, q, s32.to(torch.float8_e8m0fnu), None, out_dtype=torch.float32)
+    assert torch.equal(bits(y_group), bits(y_mx))
+    ref = x @ dequantize_fp8(q, s).T
+    assert_within(y_channel, ref, tolerance(x, dequantize_fp8(q, s), ref, None, torch.float32))
+    assert_within(y_group, ref, tolerance(x, dequantize_fp8(q, s), ref, None, torch.float32))
+
+
+def test_bad_group_scales_are_refused():
+    """A scale whose shape fits no layout, or E8M0 scales that are not per-row groups, raise."""
+    b, _ = quantize_weight(torch.randn(8, 96), "channel")
+    x = torch.randn(2, 96)
+    with pytest.raises(RuntimeError, match="fits none"):
+        cpu.fp8_linear(x, b, torch.ones(8, 7), None)
+    with pytest.raises(RuntimeError, match="e8m0"):
+        cpu.fp8_linear(x, b, torch.ones(1).to(torch.float8_e8m0fnu), None)
+    with pytest.raises(RuntimeError, match="act_group"):
+        cpu.fp8_linear(x, b, torch.ones(8, 1), "group", act_group=48)
 
 
 # ------------------------------------------------------------------------------------ batch invariance
@@ -211,7 +272,11 @@ CASES = [  # (name, k, call(x [M, K] fp32, isa) -> y): every weight dtype, act a
     ("w8a8 group/block", 300, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["block"], "group", isa=isa)),
     ("w8a8 static tensor", 300, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["tensor"], "tensor", torch.tensor([0.01]), isa=isa)),
     ("w8a8 token/group bf16 out", 300, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["group"], "token", out_dtype=torch.bfloat16, isa=isa)),
+    ("w8a8 mx", 300, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["mx"], "group", act_group=32, act_pow2=True, isa=isa)),
+    ("w8a8 group64", 576, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["group64"], "group", act_group=64, isa=isa)),
     ("weight-only", 257, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["channel"], None, bias=w["bias"], isa=isa)),
+    ("weight-only group32", 577, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["group32"], None, bias=w["bias"], isa=isa)),
+    ("weight-only mx", 300, lambda w: lambda x, isa: cpu.fp8_linear(x, *w["mx"], None, isa=isa)),
     ("dense bf16", 577, lambda w: lambda x, isa: cpu.dense_linear(x, w["bf16"], isa=isa)),
     ("dense fp32", 100, lambda w: lambda x, isa: cpu.dense_linear(x, w["fp32"], w["bias"], isa=isa)),
 ]
@@ -223,6 +288,8 @@ def make_case(k, n=131, seed=0):
     return {
         "channel": quantize_weight(w, "channel"), "block": quantize_weight(w, "block"),
         "tensor": quantize_weight(w, "tensor"), "group": quantize_fp8(w, "group"),
+        "group32": quantize_weight(w, "group", 32), "group64": quantize_weight(w, "group", 64),
+        "mx": quantize_weight(w, "mx"),
         "bf16": w.bfloat16(), "fp32": w, "bias": torch.randn(n, generator=g),
     }
 

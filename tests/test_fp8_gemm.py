@@ -124,8 +124,10 @@ def test_argument_errors():
         fp8_gemm(a, b[:, :32], a_scale, b_scale)
     with pytest.raises(ValueError, match="a_scale"):
         fp8_gemm(a, b, torch.ones(3, 1), b_scale)
-    with pytest.raises(ValueError, match="b_scale"):
-        fp8_gemm(a, b, a_scale, torch.ones(8, 2))
+    with pytest.raises(ValueError, match="b_scale"):  # K=64: 1xg groups give 4, 2 or 1 columns
+        fp8_gemm(a, b, a_scale, torch.ones(8, 3))
+    with pytest.raises(ValueError, match="b_scale"):  # E8M0 scales are per-row groups only
+        fp8_gemm(a, b, a_scale, torch.ones(1).to(torch.float8_e8m0fnu))
     with pytest.raises(ValueError, match="b_scale"):
         fp8_gemm(a, b, a_scale, torch.ones(2, 1))
     with pytest.raises(ValueError, match="out_dtype"):

@@ -14,6 +14,8 @@ from fp8_turbo.kernels.fp8 import (
     compute_scale,
     dequantize_fp8,
     expand_scale,
+    group_of,
+    pow2_scale,
     quantize_weight,
     round_to_e4m3,
 )
@@ -114,3 +116,48 @@ def test_expand_scale_layouts_and_errors():
     assert expand_scale(torch.tensor([2.0]), 5, 7).shape == (1, 1)
     with pytest.raises(ValueError, match="fits no layout"):
         expand_scale(torch.ones(4, 4), 5, 300)
+
+
+def test_pow2_scale_rounds_up_to_a_power_of_two():
+    s = torch.tensor([1.0, 0.75, 2.0**-40, 3.0 * 2.0**100, float("nan"), compute_scale(torch.tensor(1e-30)).item()])
+    p = pow2_scale(s)
+    assert p[:4].tolist() == [1.0, 1.0, 2.0**-40, 2.0**102] and torch.isnan(p[4])
+    assert p[5] >= s[5] and p[5] < 2 * s[5] and torch.frexp(p[5]).mantissa == 0.5
+    x = torch.rand(10_000) * torch.logspace(-30, 30, 10_000)
+    q = pow2_scale(x)
+    assert (q >= x).all() and (q < 2 * x).all() and (torch.frexp(q).mantissa == 0.5).all()
+
+
+@pytest.mark.parametrize("granularity, group", [("group", 32), ("group", 64), ("group", 128), ("mx", 32)])
+def test_quantize_weight_group_and_mx(granularity, group):
+    """Per-group scales along K: one per `group` weights of a row (the last group ragged); MXFP8: E8M0
+    powers of two, never below amax / 448, so no weight clips; the same error bound as the coarser layouts."""
+    torch.manual_seed(1)
+    w = torch.randn(40, 200) * torch.logspace(-3, 2, 200)[None, :]  # magnitude grows along K
+    w[3] = 0.0
+    w_fp8, scale = quantize_weight(w, granularity, group)
+    groups = -(-200 // group)
+    assert tuple(scale.shape) == (40, groups)
+    assert scale.dtype == (torch.float8_e8m0fnu if granularity == "mx" else torch.float32)
+    amax = torch.nn.functional.pad(w.abs(), (0, groups * group - 200)).view(40, groups, group).amax(2)
+    if granularity == "mx":
+        assert (scale.float() >= compute_scale(amax)).all() and (scale.float() < 2 * compute_scale(amax)).all()
+        assert (w_fp8.float().abs() <= E4M3_MAX).all()
+    else:
+        assert torch.equal(scale, compute_scale(amax))
+        assert (w_fp8.float().abs().amax(1) == E4M3_MAX)[torch.arange(40) != 3].all()
+    deq = dequantize_fp8(w_fp8, scale)
+    assert torch.equal(deq, dequantize_fp8(w_fp8, scale, 32 if granularity == "mx" else group))  # shape infers g
+    err = (deq - w).abs()
+    assert (err <= w.abs() * 2.0**-4 + expand_scale(scale, 40, 200) * 2.0**-10 * 1.0001).all()
+    # finer groups never give a larger scale than the row's, so never a coarser grid
+    channel = quantize_weight(w, "channel")[1]
+    assert (expand_scale(scale, 40, 200) <= 2 * expand_scale(channel, 40, 200)).all()
+
+
+def test_group_of_is_unique():
+    for cols in range(1, 700):
+        for g in (16, 32, 64, 128):
+            n = -(-cols // g)
+            if n > 1:
+                assert group_of(cols, n) == g, (cols, g)

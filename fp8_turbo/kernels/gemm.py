@@ -3,9 +3,14 @@
     fp8_gemm(a, b, a_scale, b_scale, out_dtype=torch.bfloat16, bias=None, *, deterministic=False) -> c [M, N]
         c = (a * a_scale) @ (b * b_scale).T (+ bias)
         a [M, K] e4m3 (activations), b [N, K] e4m3, K-major (a linear layer's weight)
-        a_scale: [1] per-tensor | [M, 1] per-token | [M, ceil(K/128)] per 1x128 group
+        a_scale: [1] per-tensor | [M, 1] per-token | [M, ceil(K/g)] per 1xg group
         b_scale: [1] per-tensor | [N, 1] per-channel | [ceil(N/128), ceil(K/128)] per 128x128 block
-                 | [N, ceil(K/128)] per 1x128 group (fused shards whose 128-row blocks do not align)
+                 | [N, ceil(K/g)] per 1xg group (finer weight scales; fused shards whose 128-row
+                 blocks do not align)
+        g: 128, or 16 / 32 / 64 (a power of two, read from the shape: kernels.fp8.group_of); b's group
+        scales may be float8_e8m0fnu (MXFP8). On CUDA, groups other than 128 and E8M0 scales run the
+        torch reference (dequantized operands, one matmul): the Triton kernel's K loop steps by BLOCK_K
+        and assumes 128-wide scale groups; finer groups there are future work.
     fp8_weight_only_gemm(x, b, b_scale, bias=None) -> c [M, N] in x.dtype     (W8A16, fp8-weight-only)
 
 Kernel (Triton tutorial 03 structure, grouped tile ordering): each BLOCK_K step's fp8 product is
@@ -36,11 +41,11 @@ import triton.language as tl
 
 from fp8_turbo.kernels import cpu as cpu_kernels
 from fp8_turbo.kernels.backend import interpreting, use_triton
-from fp8_turbo.kernels.fp8 import FP8_DTYPE, dequantize_fp8
+from fp8_turbo.kernels.fp8 import FP8_DTYPE, dequantize_fp8, group_of
 
 SCALE_BLOCK = 128  # K (and N) extent of one block scale
 # Scale layouts of the public API (the kernel gets them as strides + SCALE_ROWS/SCALE_K constexprs).
-PER_TENSOR, PER_ROW, PER_BLOCK = 0, 1, 2
+PER_TENSOR, PER_ROW, PER_BLOCK, PER_GROUP = 0, 1, 2, 3  # PER_GROUP: 1xg with g != 128 (reference only)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -327,8 +332,8 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 def fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype=torch.bfloat16, bias=None) -> torch.Tensor:
     """fp32 torch path: exact fp8 -> fp32, one fp32 matmul, scales on the output where they allow it."""
     a_layout, b_layout = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
-    if a_layout[0] == PER_BLOCK or b_layout[0] == PER_BLOCK:
-        c = dequantize_fp8(a, a_scale, SCALE_BLOCK) @ dequantize_fp8(b, b_scale, SCALE_BLOCK).T
+    if a_layout[0] in (PER_BLOCK, PER_GROUP) or b_layout[0] in (PER_BLOCK, PER_GROUP):
+        c = dequantize_fp8(a, a_scale) @ dequantize_fp8(b, b_scale).T
     else:
         c = a.float() @ b.float().T  # [M, N]
         c = c * a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
@@ -338,9 +343,14 @@ def fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype=torch.bfloat16, bias=No
 
 
 def _scale_layout(scale: torch.Tensor, rows: int, k: int, name: str) -> tuple[int, int]:
-    """(PER_TENSOR | PER_ROW | PER_BLOCK, rows sharing one scale) of an operand's scale."""
+    """(PER_TENSOR | PER_ROW | PER_BLOCK | PER_GROUP, rows sharing one scale) of an operand's scale."""
     kb = triton.cdiv(k, SCALE_BLOCK)
     shape = tuple(scale.shape)
+    if scale.dtype == torch.float8_e8m0fnu:  # MXFP8 weight scales: per-row groups, reference on CUDA
+        if len(shape) == 2 and shape[0] == rows and (group_of(k, shape[1]) or shape[1] == 1):
+            return PER_GROUP, 1
+        raise ValueError(f"fp8_gemm: {name} float8_e8m0fnu of shape {shape}: E8M0 scales are per-row groups "
+                         f"[{rows}, ceil(K/g)] along K={k}")
     if scale.numel() == 1 and scale.dim() <= 2:
         return PER_TENSOR, rows
     if shape == (rows, 1):
@@ -349,9 +359,11 @@ def _scale_layout(scale: torch.Tensor, rows: int, k: int, name: str) -> tuple[in
         return PER_BLOCK, 1
     if shape == (triton.cdiv(rows, SCALE_BLOCK), kb):  # 128x128 blocks
         return PER_BLOCK, SCALE_BLOCK
+    if len(shape) == 2 and shape[0] == rows and group_of(k, shape[1]):  # finer groups along K
+        return PER_GROUP, 1
     raise ValueError(
-        f"fp8_gemm: {name} of shape {shape} fits none of [1], [{rows}, 1], [{rows}, {kb}], "
-        f"[{triton.cdiv(rows, SCALE_BLOCK)}, {kb}] for an operand of {rows} rows and K={k}"
+        f"fp8_gemm: {name} of shape {shape} fits none of [1], [{rows}, 1], [{rows}, ceil(K/g)] (g = 16, 32, 64, "
+        f"128), [{triton.cdiv(rows, SCALE_BLOCK)}, {kb}] for an operand of {rows} rows and K={k}"
     )
 
 
@@ -387,13 +399,15 @@ def fp8_gemm(
         if cpu_kernels.available():  # our C++ kernel (kernels/cpu), batch-invariant
             return cpu_kernels.fp8_gemm(a, b, a_scale, b_scale, out_dtype, bias)
         return fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
+    if PER_GROUP in (a_layout[0], b_layout[0]):
+        return fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
     return _fp8_gemm_triton(a, b, a_scale.float(), b_scale.float(), a_layout, b_layout, out_dtype, bias,
                             deterministic=deterministic)
 
 
 def fp8_weight_only_gemm_reference(x, b, b_scale, bias=None) -> torch.Tensor:
     """fp32 torch path of W8A16: the exactly dequantized weight, one fp32 matmul, out in x.dtype."""
-    c = x.float() @ dequantize_fp8(b, b_scale, SCALE_BLOCK).T
+    c = x.float() @ dequantize_fp8(b, b_scale).T
     if bias is not None:
         c = c + bias.float()
     return c.to(x.dtype)
@@ -423,6 +437,8 @@ def fp8_weight_only_gemm(
     if not use_triton(x):
         if x.dtype != torch.float16 and cpu_kernels.available():  # our C++ kernel (kernels/cpu)
             return cpu_kernels.fp8_linear(x, b, b_scale, None, bias=bias)
+        return fp8_weight_only_gemm_reference(x, b, b_scale, bias)
+    if b_layout[0] == PER_GROUP:
         return fp8_weight_only_gemm_reference(x, b, b_scale, bias)
     if x.stride(-1) != 1:
         x = x.contiguous()

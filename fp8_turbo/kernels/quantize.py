@@ -1,8 +1,11 @@
 """Dynamic FP8 (e4m3) activation quantization: Triton kernels, launcher, torch reference.
 
-    quantize_fp8(x, granularity="token" | "tensor" | "group", group_size=128, scale=None) -> (x_fp8, scale)
+    quantize_fp8(x, granularity="token" | "tensor" | "group", group_size=128, scale=None, pow2=False)
+        -> (x_fp8, scale)
         x [..., K] fp32/bf16/fp16 -> x_fp8 [..., K] float8_e4m3fn and an fp32 scale:
         "token" [..., 1] (one per row), "group" [..., ceil(K/group_size)], "tensor" [1].
+        pow2: dynamic scales rounded up to a power of two (kernels.fp8.pow2_scale: MXFP8's E8M0
+        scales, returned in fp32); computed by the torch reference on every backend.
         `scale` is given instead of computed: per-tensor [1] (a checkpoint's static input_scale) or
         per-token [..., 1] (from the whole row when x is a shard of it: row-parallel layers).
     fake_quantize_fp8(x, ...) -> fp32 x_hat == dequantize_fp8(*quantize_fp8(x, ...)), bit for bit.
@@ -22,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fp8_turbo.kernels.backend import use_triton
-from fp8_turbo.kernels.fp8 import E4M3_MAX, FP8_DTYPE, compute_scale, expand_scale, round_to_e4m3
+from fp8_turbo.kernels.fp8 import E4M3_MAX, FP8_DTYPE, compute_scale, expand_scale, pow2_scale, round_to_e4m3
 
 GRANULARITIES = ("token", "tensor", "group")
 
@@ -167,16 +170,19 @@ def _scale_reference(x2: torch.Tensor, granularity: str, group_size: int) -> tor
     return compute_scale(padded.view(m, g, group_size).amax(dim=2))  # [M, G]
 
 
-def _round_reference(x2, granularity, group_size, scale):
+def _round_reference(x2, granularity, group_size, scale, pow2=False):
     """(q fp32 on the e4m3 grid, scale) for x2 [M, K]."""
     if scale is None:
         scale = _scale_reference(x2, granularity, group_size)
+        if pow2:
+            scale = pow2_scale(scale)
     m, k = x2.shape
     return round_to_e4m3(x2 / expand_scale(scale, m, k, group_size)), scale
 
 
-def quantize_fp8_reference(x2: torch.Tensor, granularity: str, group_size: int, scale: torch.Tensor | None):
-    q, scale = _round_reference(x2.float(), granularity, group_size, scale)
+def quantize_fp8_reference(x2: torch.Tensor, granularity: str, group_size: int, scale: torch.Tensor | None,
+                           pow2: bool = False):
+    q, scale = _round_reference(x2.float(), granularity, group_size, scale, pow2)
     return q.to(FP8_DTYPE), scale
 
 
@@ -217,23 +223,25 @@ def _output_scale_shape(x: torch.Tensor, scale: torch.Tensor, granularity: str) 
 
 @torch.inference_mode()
 def quantize_fp8(
-    x: torch.Tensor, granularity: str = "token", group_size: int = 128, scale: torch.Tensor | None = None
+    x: torch.Tensor, granularity: str = "token", group_size: int = 128, scale: torch.Tensor | None = None,
+    pow2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations x [..., K] to e4m3; see the module docstring for scale shapes."""
     x2, scale = _prepare(x, granularity, group_size, scale)
-    if use_triton(x2):
+    if use_triton(x2) and not pow2:
         q, scale = _quantize_fp8_triton(x2, granularity, group_size, scale)
     else:
-        q, scale = quantize_fp8_reference(x2, granularity, group_size, scale)
+        q, scale = quantize_fp8_reference(x2, granularity, group_size, scale, pow2)
     return q.reshape(x.shape), _output_scale_shape(x, scale, granularity)
 
 
 @torch.inference_mode()
 def fake_quantize_fp8(
-    x: torch.Tensor, granularity: str = "token", group_size: int = 128, scale: torch.Tensor | None = None
+    x: torch.Tensor, granularity: str = "token", group_size: int = 128, scale: torch.Tensor | None = None,
+    pow2: bool = False,
 ) -> torch.Tensor:
     """fp32 quantize-dequantize of x [..., K]: equal, bit for bit, to dequantizing quantize_fp8(x).
     The CPU model's activation path (torch only, a few elementwise passes)."""
     x2, scale = _prepare(x, granularity, group_size, scale)
-    q, scale = _round_reference(x2.float(), granularity, group_size, scale)
+    q, scale = _round_reference(x2.float(), granularity, group_size, scale, pow2)
     return (q * expand_scale(scale, x2.shape[0], x2.shape[1], group_size)).reshape(x.shape)

@@ -26,31 +26,38 @@
 
 namespace fp8t {
 
-constexpr int64_t SCALE_BLOCK = 128;  // K (and N) extent of one block / group scale
+constexpr int64_t SCALE_BLOCK = 128;  // N extent of one 128x128 block scale; the default K group
+constexpr int64_t MIN_GROUP = 16, MAX_GROUP = 128;  // K extents of group scales: powers of two in between
 constexpr float E4M3_MAX = 448.0f;
 constexpr float MIN_AMAX = 1e-12f;
 constexpr int64_t GEMV_MAX_M = 4;  // up to this many rows: weight decoded in registers, read once
 
 enum WType { W_E4M3 = 0, W_BF16 = 1, W_F32 = 2 };
-enum ScaleKind { S_NONE = 0, S_TENSOR, S_ROW, S_GROUP, S_BLOCK };  // GROUP: [rows, K/128]; BLOCK: [rows/128, K/128]
+// GROUP: [rows, K/group]; BLOCK: [rows/128, K/128]. Group scales are fp32, or E8M0 (MXFP8: one byte,
+// the power of two 2^(byte - 127)).
+enum ScaleKind { S_NONE = 0, S_TENSOR, S_ROW, S_GROUP, S_BLOCK };
 enum Act { A_FP8 = 0, A_NONE, A_TOKEN, A_TENSOR, A_GROUP };  // how the activations arrive / are quantized
 enum Granularity { Q_TOKEN = 0, Q_TENSOR, Q_GROUP };
 
-// One operand's scale: value for (row, K block).
+// One operand's scale: value for (row, global k).
 struct Scale {
   const float* p = nullptr;
+  const uint8_t* e8m0 = nullptr;  // GROUP scales stored as E8M0 bytes instead of p
   int kind = S_NONE;
   int64_t stride = 0;  // between rows (ROW, GROUP) or 128-row blocks (BLOCK)
-  FP8T_INLINE float at(int64_t row, int64_t kb) const {
+  int shift = 7;       // log2 of the K extent of one scale (GROUP, BLOCK)
+  FP8T_INLINE float at(int64_t row, int64_t k) const {
     switch (kind) {
       case S_TENSOR: return p[0];
       case S_ROW: return p[row * stride];
-      case S_GROUP: return p[row * stride + kb];
-      case S_BLOCK: return p[(row / SCALE_BLOCK) * stride + kb];
+      case S_GROUP:
+        return e8m0 ? bits_to_float(uint32_t(e8m0[row * stride + (k >> shift)]) << 23) : p[row * stride + (k >> shift)];
+      case S_BLOCK: return p[(row / SCALE_BLOCK) * stride + (k >> shift)];
       default: return 1.0f;
     }
   }
   FP8T_INLINE bool along_k() const { return kind == S_GROUP || kind == S_BLOCK; }
+  FP8T_INLINE int64_t group() const { return along_k() ? int64_t(1) << shift : 0; }
 };
 
 struct Gemm {
@@ -61,6 +68,7 @@ struct Gemm {
   int wtype = W_E4M3;
   Scale as, ws;
   bool scales_along_k = false;
+  int64_t k_step = SCALE_BLOCK;  // scales along K: K extent of each partial sum (the smaller group)
   const float* bias = nullptr;  // fp32 [N] or null
   float* out_f32 = nullptr;
   uint16_t* out_bf16 = nullptr;
@@ -73,6 +81,7 @@ struct Quant {
   int64_t ldx = 0, M = 0, K = 0, Kp = 0;
   int granularity = Q_TOKEN;
   int64_t group_size = SCALE_BLOCK;
+  bool pow2 = false;       // scales rounded up to a power of two (MXFP8's E8M0 scales, kept in fp32)
   float* scale = nullptr;  // [1] (given, tensor) | [M] | [M, groups]
   float* q = nullptr;      // [M, ldq] grid values, zero-padded to Kp
   int64_t ldq = 0;
@@ -87,6 +96,14 @@ FP8T_INLINE float to_float(at::BFloat16 x) { return bits_to_float(uint32_t(x.x) 
 
 // kernels/fp8.py compute_scale: max(amax, 1e-12) / 448 in fp32 (NaN stays NaN).
 FP8T_INLINE float compute_scale(float amax) { return std::max(amax, MIN_AMAX) / E4M3_MAX; }
+
+// kernels/fp8.py pow2_scale: a positive normal fp32 scale rounded up to a power of two (mantissa
+// bits set -> the next exponent), so x / scale never exceeds 448; NaN stays NaN.
+FP8T_INLINE float pow2_scale(float s) {
+  if (s != s) return s;
+  const uint32_t u = float_to_bits(s);
+  return bits_to_float(((u >> 23) + ((u & 0x7FFFFF) != 0)) << 23);
+}
 
 
 // e4m3 byte -> exact fp32 value (NaN for 0x7F / 0xFF): activations given as e4m3.
@@ -166,33 +183,55 @@ static void run_quantize_rows(int isa, const Quant& q, int64_t r0, int64_t r1) {
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Scale layout of an operand with `rows` rows (the rules of kernels/gemm.py _scale_layout).
+// The K extent of a per-row group scale with `cols` columns over K: the power of two g in
+// [MIN_GROUP, MAX_GROUP] with cdiv(K, g) == cols (unique whenever cols > 1), else 0.
+static int64_t group_of(int64_t k, int64_t cols) {
+  for (int64_t g = MIN_GROUP; g <= MAX_GROUP; g *= 2)
+    if (cdiv(k, g) == cols) return g;
+  return 0;
+}
+
+static int log2_of(int64_t g) { return __builtin_ctzll(uint64_t(g)); }
+
+// Scale layout of an operand with `rows` rows (the rules of kernels/gemm.py _scale_layout): fp32, or
+// E8M0 bytes (float8_e8m0fnu) for per-row group scales.
 static Scale scale_of(const at::Tensor& s, int64_t rows, int64_t k, const char* name) {
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), name, " must be contiguous fp32");
+  TORCH_CHECK(s.is_contiguous(), name, " must be contiguous");
+  const bool e8m0 = s.scalar_type() == at::kFloat8_e8m0fnu;
+  TORCH_CHECK(e8m0 || s.scalar_type() == at::kFloat, name, " must be fp32 or float8_e8m0fnu, got ", s.scalar_type());
   const int64_t kb = cdiv(k, SCALE_BLOCK);
+  const int64_t group = s.dim() == 2 && s.size(0) == rows && s.size(1) > 1 ? group_of(k, s.size(1)) : 0;
   Scale sc;
+  if (e8m0) {
+    TORCH_CHECK(group > 0 || (s.dim() == 2 && s.size(0) == rows && s.size(1) == 1 && k <= MAX_GROUP), name,
+                ": float8_e8m0fnu scales are per-row groups along K [", rows, ", cdiv(K, g)] only, got ", s.sizes());
+    sc.e8m0 = reinterpret_cast<const uint8_t*>(s.data_ptr());
+    sc.kind = S_GROUP, sc.stride = s.size(1), sc.shift = log2_of(group > 0 ? group : MAX_GROUP);
+    return sc;
+  }
   sc.p = s.data_ptr<float>();
   if (s.numel() == 1 && s.dim() <= 2) {
     sc.kind = S_TENSOR;
   } else if (s.dim() == 2 && s.size(0) == rows && s.size(1) == 1) {
     sc.kind = S_ROW, sc.stride = 1;
-  } else if (s.dim() == 2 && s.size(0) == rows && s.size(1) == kb) {
-    sc.kind = S_GROUP, sc.stride = kb;
+  } else if (group > 0) {
+    sc.kind = S_GROUP, sc.stride = s.size(1), sc.shift = log2_of(group);
   } else if (s.dim() == 2 && s.size(0) == cdiv(rows, SCALE_BLOCK) && s.size(1) == kb) {
     sc.kind = S_BLOCK, sc.stride = kb;
   } else {
-    TORCH_CHECK(false, name, " of shape ", s.sizes(), " fits none of [1], [", rows, ", 1], [", rows, ", ", kb,
-                "], [", cdiv(rows, SCALE_BLOCK), ", ", kb, "]");
+    TORCH_CHECK(false, name, " of shape ", s.sizes(), " fits none of [1], [", rows, ", 1], [", rows,
+                ", cdiv(K, g)] for g in 16..128 (K = ", k, "), [", cdiv(rows, SCALE_BLOCK), ", ", kb, "]");
   }
   return sc;
 }
 
 // Quantize x [M, K] (fp32/bf16) into q (fp32 grid values [M, Kp]) and optionally bytes [M, K].
-static at::Tensor quantize_into(int isa, const at::Tensor& x, int granularity, int64_t group_size,
+// pow2: dynamic scales rounded up to a power of two (MXFP8).
+static at::Tensor quantize_into(int isa, const at::Tensor& x, int granularity, int64_t group_size, bool pow2,
                                 const c10::optional<at::Tensor>& static_scale, float* q, int64_t ldq, uint8_t* bytes) {
   const int64_t M = x.size(0), K = x.size(1);
   Quant qu;
-  qu.x = x.data_ptr(), qu.ldx = x.stride(0), qu.M = M, qu.K = K, qu.Kp = ldq;
+  qu.x = x.data_ptr(), qu.ldx = x.stride(0), qu.M = M, qu.K = K, qu.Kp = ldq, qu.pow2 = pow2;
   qu.granularity = granularity, qu.group_size = group_size, qu.q = q, qu.ldq = ldq, qu.bytes = bytes, qu.ldb = K;
   at::Tensor scale;
   if (granularity == Q_TENSOR) {
@@ -200,7 +239,8 @@ static at::Tensor quantize_into(int isa, const at::Tensor& x, int granularity, i
       scale = static_scale->to(at::kFloat).reshape({1}).contiguous();
     } else {  // one amax over the whole tensor (the max is exact in any order)
       scale = at::empty({1}, x.options().dtype(at::kFloat));
-      scale.data_ptr<float>()[0] = compute_scale(x.numel() ? x.abs().max().item<float>() : 0.0f);
+      const float s = compute_scale(x.numel() ? x.abs().max().item<float>() : 0.0f);
+      scale.data_ptr<float>()[0] = pow2 ? pow2_scale(s) : s;
     }
   } else if (granularity == Q_TOKEN) {
     scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
@@ -219,15 +259,19 @@ static at::Tensor quantize_into(int isa, const at::Tensor& x, int granularity, i
 // ------------------------------------------------------------------- entry points
 
 // out [M, N] = act(x) @ (w * w_scale).T (+ bias); see kernels/cpu/gemm.py for the contract.
-//   act A_FP8:   x e4m3 [M, K] with x_scale [1] | [M, 1] | [M, K/128] | [M/128, K/128]
+//   act A_FP8:   x e4m3 [M, K] with x_scale [1] | [M, 1] | [M, K/g] (g in 16..128) | [M/128, K/128]
 //   act A_NONE:  x fp32/bf16 used as it is (weight-only and dense layers)
-//   act A_TOKEN / A_TENSOR / A_GROUP: x fp32/bf16 quantized here (kernels/fp8.py numerics);
+//   act A_TOKEN / A_TENSOR / A_GROUP: x fp32/bf16 quantized here (kernels/fp8.py numerics), A_GROUP in
+//                groups of act_group along K; act_pow2: power-of-two scales (MXFP8);
 //                A_TENSOR takes x_scale as a static scale when given
-//   w: e4m3 [N, K] with w_scale [1] | [N, 1] | [N, K/128] | [N/128, K/128]; or bf16/fp32 without scale
+//   w: e4m3 [N, K] with w_scale [1] | [N, 1] | [N, K/g] (g in 16..128; fp32 or E8M0) | [N/128, K/128];
+//      or bf16/fp32 without scale
 at::Tensor linear(const at::Tensor& x_in, int64_t act, const c10::optional<at::Tensor>& x_scale_in,
                   const at::Tensor& w, const c10::optional<at::Tensor>& w_scale_in, const c10::optional<at::Tensor>& bias,
-                  at::ScalarType out_dtype, int64_t isa_arg) {
+                  at::ScalarType out_dtype, int64_t isa_arg, int64_t act_group, bool act_pow2) {
   const int isa = checked_isa(isa_arg);
+  TORCH_CHECK(act != A_GROUP || (act_group >= MIN_GROUP && act_group <= MAX_GROUP && (act_group & (act_group - 1)) == 0),
+              "linear: act_group must be a power of two in [", MIN_GROUP, ", ", MAX_GROUP, "], got ", act_group);
   TORCH_CHECK(x_in.dim() >= 1 && w.dim() == 2 && x_in.size(-1) == w.size(1), "linear: need x [..., K] and w [N, K], got ",
               x_in.sizes(), " and ", w.sizes());
   TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors only");
@@ -238,7 +282,9 @@ at::Tensor linear(const at::Tensor& x_in, int64_t act, const c10::optional<at::T
   if (x.stride(1) != 1) x = x.contiguous();
   c10::optional<at::Tensor> x_scale, w_scale;  // fp32, contiguous
   if (x_scale_in.has_value()) x_scale = x_scale_in->to(at::kFloat).contiguous();
-  if (w_scale_in.has_value()) w_scale = w_scale_in->to(at::kFloat).contiguous();
+  if (w_scale_in.has_value())
+    w_scale = w_scale_in->scalar_type() == at::kFloat8_e8m0fnu ? w_scale_in->contiguous()
+                                                               : w_scale_in->to(at::kFloat).contiguous();
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1), Kp = cdiv(K, 16) * 16;
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "linear: out_dtype must be float32, bfloat16 or float16");
@@ -299,12 +345,14 @@ at::Tensor linear(const at::Tensor& x_in, int64_t act, const c10::optional<at::T
       TORCH_CHECK(act == A_TOKEN || act == A_TENSOR || act == A_GROUP, "linear: unknown act ", act);
       TORCH_CHECK(act == A_TENSOR || !x_scale.has_value(), "linear: a static x_scale is per-tensor only");
       const int gran = act == A_TOKEN ? Q_TOKEN : act == A_TENSOR ? Q_TENSOR : Q_GROUP;
-      a_scale = quantize_into(isa, x, gran, SCALE_BLOCK, x_scale, ap, Kp, nullptr);
+      a_scale = quantize_into(isa, x, gran, act_group, act_pow2, x_scale, ap, Kp, nullptr);
       g.as = scale_of(a_scale, M, K, "x_scale");
     }
   }
   g.a = ap, g.lda = Kp;
   g.scales_along_k = g.as.along_k() || g.ws.along_k();
+  if (g.scales_along_k)  // both groups are powers of two: the smaller one divides the larger
+    g.k_step = std::min(g.as.along_k() ? g.as.group() : MAX_GROUP, g.ws.along_k() ? g.ws.group() : MAX_GROUP);
 
   at::Tensor bias_f32;
   if (bias.has_value()) {
@@ -320,7 +368,7 @@ at::Tensor linear(const at::Tensor& x_in, int64_t act, const c10::optional<at::T
   // of K decoded into an fp32 panel, swept by register tiles. Threads split N only; each
   // thread has its own panel and tile states.
   const bool use_panel = M > GEMV_MAX_M;
-  g.panel_rows = 24, g.panel_k = 768;  // <= 72 KiB of fp32 (L2); panel_k: a multiple of SCALE_BLOCK
+  g.panel_rows = 24, g.panel_k = 768;  // <= 72 KiB of fp32 (L2); panel_k: a multiple of every group
   const int64_t unit = use_panel ? g.panel_rows : 16;  // weight rows per task
   at::parallel_for(0, cdiv(N, unit), 1, [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * unit, n1 = std::min(N, t1 * unit);
@@ -339,7 +387,7 @@ at::Tensor linear(const at::Tensor& x_in, int64_t act, const c10::optional<at::T
 
 // quantize_fp8 (kernels/quantize.py) on CPU: x [M, K] fp32/bf16 -> (e4m3 [M, K], scale), bit-exact.
 std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t granularity, int64_t group_size,
-                                            const c10::optional<at::Tensor>& static_scale, int64_t isa_arg) {
+                                            const c10::optional<at::Tensor>& static_scale, int64_t isa_arg, bool pow2) {
   const int isa = checked_isa(isa_arg);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "quantize: need a CPU x [M, K] with unit stride");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "quantize: x must be float32 or bfloat16");
@@ -347,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t granula
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor bytes = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat));
-  at::Tensor scale = quantize_into(isa, x, int(granularity), group_size, static_scale, q.data_ptr<float>(), K,
+  at::Tensor scale = quantize_into(isa, x, int(granularity), group_size, pow2, static_scale, q.data_ptr<float>(), K,
                                    reinterpret_cast<uint8_t*>(bytes.data_ptr()));
   return {bytes, scale};
 }

@@ -7,8 +7,9 @@
 //   lanes     lane j (of 8) sums a[k] * w[k] over k = j, j+8, j+16, ... in increasing k, one FMA
 //             each (K zero-padded to a multiple of 16);
 //   scales    constant along K: r = ((tree(lanes) * 256) * a_scale[m]) * w_scale[n];
-//             changing every 128 of K: per 128-block partial lanes p, tot = fma(p, s, tot) with
-//             s = (a_scale[m, kb] * w_scale[n, kb]) * 256, r = tree(tot);
+//             changing along K (groups of 16..128, 128x128 blocks): per k_step-block partial lanes p
+//             (k_step = the smaller group of the two operands), tot = fma(p, s, tot) with
+//             s = (a_scale[m, k / group_a] * w_scale[n, k / group_w]) * 256, r = tree(tot);
 //             (the factor 256 only for e4m3 weights, which decode to value * 2^-8: exact)
 //   bias      r = r + bias[n]; then the output dtype (bf16: round to nearest even).
 // A row's result therefore does not depend on which other rows share the call.
@@ -61,22 +62,22 @@ FP8T_INLINE void dot_tile(const float* const (&a)[MR], const void* const (&w)[NR
 }
 
 // Add k in [k0, k1) of tile (m0.., n0..) into its running state st: the lanes themselves when the
-// scales are constant along K; else one fma per 128-block of K (k0 a multiple of 128):
+// scales are constant along K; else one fma per g.k_step-block of K (k0 a multiple of k_step):
 // st = fma(block lanes, (a_scale * w_scale) * rescale, st). `k_offset` + k is the global k.
 template <int MR, int NR, int WT>
 FP8T_INLINE void accumulate(const Gemm& g, int64_t m0, int64_t n0, const float* const (&a)[MR],
                             const void* const (&w)[NR], const void* const (&tail)[NR], int64_t k_full, int64_t k0,
                             int64_t k1, int64_t k_offset, int64_t pf, float rescale, V8 (&st)[MR][NR]) {
   if (!g.scales_along_k) return dot_tile<MR, NR, WT>(a, w, tail, k_full, k0, k1, pf, st);
-  for (int64_t k = k0; k < k1; k += SCALE_BLOCK) {
+  for (int64_t k = k0; k < k1; k += g.k_step) {
     V8 p[MR][NR];
     for (int m = 0; m < MR; ++m)
       for (int n = 0; n < NR; ++n) p[m][n] = V8::zero();
-    dot_tile<MR, NR, WT>(a, w, tail, k_full, k, std::min(k + SCALE_BLOCK, k1), pf, p);
-    const int64_t kb = (k_offset + k) / SCALE_BLOCK;
+    dot_tile<MR, NR, WT>(a, w, tail, k_full, k, std::min(k + g.k_step, k1), pf, p);
+    const int64_t kg = k_offset + k;  // global k of this block
     for (int m = 0; m < MR; ++m)
       for (int n = 0; n < NR; ++n) {
-        const float s = (g.as.at(m0 + m, kb) * g.ws.at(n0 + n, kb)) * rescale;
+        const float s = (g.as.at(m0 + m, kg) * g.ws.at(n0 + n, kg)) * rescale;
         st[m][n] = fma(p[m][n], V8::broadcast(s), st[m][n]);
       }
   }
@@ -268,14 +269,16 @@ void quantize_rows(const Quant& q, int64_t r0, int64_t r1) {
     if (q.granularity == Q_TENSOR) {
       quantize_span(xr, q.K, q.scale[0], qr, br);
     } else if (q.granularity == Q_TOKEN) {
-      const float s = compute_scale(amax_span(xr, q.K));
+      float s = compute_scale(amax_span(xr, q.K));
+      if (q.pow2) s = pow2_scale(s);
       q.scale[r] = s;
       quantize_span(xr, q.K, s, qr, br);
     } else {
       const int64_t groups = (q.K + q.group_size - 1) / q.group_size;
       for (int64_t gi = 0; gi < groups; ++gi) {
         const int64_t k0 = gi * q.group_size, len = std::min(q.group_size, q.K - k0);
-        const float s = compute_scale(amax_span(xr + k0, len));
+        float s = compute_scale(amax_span(xr + k0, len));
+        if (q.pow2) s = pow2_scale(s);
         q.scale[r * groups + gi] = s;
         quantize_span(xr + k0, len, s, qr + k0, br ? br + k0 : nullptr);
       }
