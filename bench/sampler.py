@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, make_generator
+from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow
 from fp8_turbo.engine.sampling.params import SamplingParams
 
 OUT = Path(__file__).parent / "out"
@@ -83,7 +83,7 @@ def make_rows(batch: int, vocab: int, device: torch.device) -> list[SamplingRow]
             SamplingParams(**kind, seed=seed, max_tokens=1024),
             torch.randint(vocab, (256,), generator=g).tolist(),
             torch.randint(vocab, (128,), generator=g).tolist(),
-            None if seed is None else make_generator(seed, device),
+            seed,
             eos_token_ids=[2],
         ))
     return rows

@@ -28,7 +28,7 @@ from transformers.generation.logits_process import (
 )
 
 import fp8_turbo.engine.sampling.sampler as sampler_module
-from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs, make_generator, processed_probs
+from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, apply_penalties, compute_logprobs, processed_probs
 from fp8_turbo.engine.sampling.ops import argmax_of_rows, draw_from_weights, top_k_of_rows
 from fp8_turbo.engine.sampling.params import SamplingParams
 
@@ -66,8 +66,7 @@ def reference_probs(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
 
 def row(prompt=(), output=(), eos=(), seed=None, **params) -> SamplingRow:
     sampling = SamplingParams(**params)
-    generator = None if seed is None else make_generator(seed)
-    return SamplingRow(sampling, list(prompt), list(output), generator, list(eos))
+    return SamplingRow(sampling, list(prompt), list(output), seed, list(eos))
 
 
 # ----------------------------------------------------------------------------- each transform
@@ -278,13 +277,27 @@ def test_seeded_draws_follow_the_distribution():
     assert chi_square_p_value(counts, reference_probs(logits, rows[0])) > 1e-3
 
 
-def test_same_seed_same_token_and_generators_advance():
+def test_seeded_draws_over_positions_follow_the_distribution():
+    """One seed, 2000 consecutive positions (the draws of one long seeded sequence) and a top_k row."""
+    logits = random_logits(8, 1, 40, scale=1.5)[0]
+    for params in (dict(temperature=0.9, top_p=0.95), dict(temperature=1.2, top_k=5)):
+        rows = [row(output=[0] * p, seed=12345, **params) for p in range(2000)]
+        counts = draw_counts(Sampler(seed=0), logits, rows)
+        assert chi_square_p_value(counts, reference_probs(logits, rows[0])) > 1e-3, params
+
+
+def test_a_seeded_draw_is_keyed_by_seed_and_position():
+    """The same (seed, position) draws the same token, in any sampler and any batch; another
+    position (the same seed, one more generated token) draws anew, and so does another seed."""
     logits = random_logits(7, 1, 1000)
-    first = [Sampler()(logits.clone(), [row(seed=42)]).token_ids.item() for _ in range(3)]
-    assert len(set(first)) == 1  # a fresh generator from the same seed: the same token
-    r = row(seed=42)
-    stream = [Sampler()(logits.clone(), [r]).token_ids.item() for _ in range(20)]
-    assert len(set(stream)) > 1  # one generator over steps: new draws each step
+    first = [Sampler(seed=s)(logits.clone(), [row(seed=42)]).token_ids.item() for s in range(3)]
+    assert len(set(first)) == 1
+    stream = [Sampler()(logits.clone(), [row(output=[5] * p, seed=42)]).token_ids.item() for p in range(20)]
+    assert stream[0] == first[0] and len(set(stream)) > 1
+    seeds = [Sampler()(logits.clone(), [row(seed=s)]).token_ids.item() for s in range(20)]
+    assert len(set(seeds)) > 1
+    together = Sampler()(logits.expand(20, -1).clone(), [row(output=[5] * p, seed=42) for p in range(20)])
+    assert together.token_ids.tolist() == stream  # the 20 positions in one call draw what 20 calls drew
 
 
 # ----------------------------------------------------------------------------- properties

@@ -14,7 +14,7 @@ import torch
 
 from fp8_turbo import SamplingParams
 from fp8_turbo.engine.sampling.params import StructuredOutputsParams
-from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, make_generator
+from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow
 from fp8_turbo.engine.sampling.structured import GrammarError, StructuredOutputs, apply_bitmask, fill_bitmask
 from server_fixture import smollm2_available
 
@@ -128,7 +128,7 @@ def test_sampler_masks_constrained_rows_only_and_stays_batch_invariant(grammars,
         for i in indices:
             grammar = (choice if i % 4 == 1 else person).matcher() if i % 2 else None
             params = SamplingParams(**kinds[i // 2], seed=i, max_tokens=8)
-            out.append(SamplingRow(params, [1, 2, 3], [], make_generator(i), [EOS], grammar))
+            out.append(SamplingRow(params, [1, 2, 3], [], i, [EOS], grammar))
         return out
 
     batch = rows(list(range(8)))

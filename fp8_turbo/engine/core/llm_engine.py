@@ -26,7 +26,7 @@ from fp8_turbo.engine.core.workers import ParallelModelRunner, WorkerGroup
 from fp8_turbo.engine.model.parallel import check_tensor_parallel
 from fp8_turbo.engine.core.outputs import RequestOutput
 from fp8_turbo.engine.core.request import Request, logprob_dict
-from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
+from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, compute_logprobs
 from fp8_turbo.engine.sampling.structured import StructuredOutputs
 from fp8_turbo.engine.sampling.params import SamplingParams
 from fp8_turbo.engine.core.scheduler import ScheduledSeq, Scheduler
@@ -201,8 +201,7 @@ class LLMEngine:
         grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         seqs = []
         for i in range(params.n):
-            generator = make_generator(params.seed + i, self.device) if params.seed is not None else None
-            seq = Sequence(request_id, i, prompt_token_ids, params, generator)
+            seq = Sequence(request_id, i, prompt_token_ids, params)
             seq.grammar = grammar.matcher() if grammar is not None else None
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs.append(None)  # the first prompt token has no prediction
@@ -308,7 +307,7 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         if step_logits.sample_seqs:
             seqs = [item.seq for item in step_logits.sample_seqs]
-            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.seed,
                                 self._eos_ids(s.params), s.grammar) for s in seqs]
             sampled = self.sampler(step_logits.sample_logits, rows)
             token_ids = sampled.token_ids.tolist()

@@ -4,8 +4,6 @@ from __future__ import annotations
 import enum
 import itertools
 
-import torch
-
 from fp8_turbo.engine.sampling.params import SamplingParams
 from fp8_turbo.engine.sampling.structured import GrammarMatcher
 
@@ -26,15 +24,15 @@ class Sequence:
     just sampled), prefix-cache hits and recomputation after preemption.
     """
 
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 generator: torch.Generator | None = None):
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.index = index
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
-        self.generator = generator
+        # A seeded request's sequence i draws with key seed + i (fp8_turbo/engine/sampling/philox.py).
+        self.seed = params.seed + index if params.seed is not None else None
         self.grammar: GrammarMatcher | None = None  # structured outputs: advanced by every kept token
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []

@@ -14,9 +14,11 @@ What happens to a row's logits, in this order (each step acts on the result of t
   6. top_k keeps the k most likely tokens; then top_p keeps the smallest set of most likely tokens
      whose probability reaches top_p (never empty: the most likely token always stays); then min_p
      drops the tokens less likely than min_p times the most likely one.
-  7. The draw: inverse-CDF sampling from uniform numbers taken from the row's own generator when
-     the request has a seed (a fixed count per row per step), so a seeded request gets the same
-     tokens whatever else is in the batch.
+  7. The draw: inverse-CDF sampling from uniform numbers (a fixed count per row). A seeded row's
+     numbers are a function of (seed, position of the token drawn) only (Philox, see
+     fp8_turbo/engine/sampling/philox.py), so a seeded request gets the same tokens whatever else is
+     in the batch and however many of its positions are sampled in one step (speculative decoding
+     verifies several); rows without a seed share the sampler's generator.
 
 Logprobs are computed from the raw logits (log_softmax of the model's output, before any step
 above), the same convention as vLLM.
@@ -43,6 +45,7 @@ from fp8_turbo.engine.sampling.ops import (
     top_k_of_rows,
 )
 from fp8_turbo.engine.sampling.params import SamplingParams
+from fp8_turbo.engine.sampling.philox import seeded_uniforms
 from fp8_turbo.engine.sampling.structured import GrammarMatcher, apply_bitmask, fill_bitmask
 
 _TOP_K_WIDTHS = (64, 256, 1000)  # top_k rows are grouped by the smallest of these that holds their k
@@ -50,23 +53,21 @@ _RANK_WINDOW = 20  # compute_logprobs counts exactly only for tokens outside a r
 _NUCLEUS_TRIES = 16  # rejection tries for a top_p row before the exact sorted path (each succeeds w.p. >= top_p)
 
 
-def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The per-request generator of a seeded request: create once per request, pass every step."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
 @dataclass(slots=True)
 class SamplingRow:
-    """One sequence that needs a token this step."""
+    """One sequence that needs a token this step: the token at `position`, after these tokens."""
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    generator: torch.Generator | None = None  # None: the sampler's shared generator
+    seed: int | None = None  # the sequence's seed (request seed + sequence index); None: the shared generator
     eos_token_ids: Sequence[int] = ()  # the model's EOS ids, masked with stop_token_ids during min_tokens
     grammar: GrammarMatcher | None = None  # the row's structured-output matcher
+
+    @property
+    def position(self) -> int:
+        """Where the drawn token goes in the sequence (what a seeded draw is keyed by)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def min_tokens_blocked_ids(self) -> list[int]:
         """Token ids that may not be drawn yet because fewer than min_tokens were generated.
@@ -230,7 +231,7 @@ class Sampler:
     """Call once per step with the logits of every sequence that needs a token.
 
     `logits` [B, V] (float32; other dtypes are upcast) are used as scratch space and overwritten,
-    as vLLM's sampler does. Rows without a generator share this sampler's, seeded from `seed`
+    as vLLM's sampler does. Rows without a seed share this sampler's generator, seeded from `seed`
     (None: a random seed).
     """
 
@@ -333,23 +334,25 @@ class Sampler:
                 )
 
     def _uniforms(self, rows: Sequence[SamplingRow], sampled: list[int], device: torch.device) -> torch.Tensor:
-        """[B, tries + 1] numbers in (0, 1] for the rows at `sampled`: seeded rows from their own
-        generator, the rest from the shared one.
+        """[B, tries + 1] numbers in (0, 1] for the rows at `sampled`: a seeded row's are keyed by
+        (seed, position), the rest come from the shared generator.
 
-        Every sampled row takes the same count every step, so a seeded row's stream does not depend
-        on which path its draw took or on the other rows.
+        Every sampled row takes the same count, so a seeded row's numbers do not depend on which
+        path its draw took, on the other rows, or on what was drawn at other positions.
         """
         count = _NUCLEUS_TRIES + 1
         uniforms = torch.empty(len(rows), count, device=device)
-        shared = [i for i in sampled if rows[i].generator is None]
+        shared = [i for i in sampled if rows[i].seed is None]
         if shared:
-            uniforms[_index(shared, device)] = torch.rand(
+            # rand is in [0, 1); the draw needs u > 0
+            uniforms[_index(shared, device)] = 1.0 - torch.rand(
                 len(shared), count, device=device, generator=self.shared_generator(device)
             )
-        for i in sampled:
-            if rows[i].generator is not None:
-                uniforms[i] = torch.rand(count, device=device, generator=rows[i].generator)
-        return 1.0 - uniforms  # rand is in [0, 1); the draw needs u > 0
+        seeded = [i for i in sampled if rows[i].seed is not None]
+        if seeded:
+            keyed = seeded_uniforms([rows[i].seed for i in seeded], [rows[i].position for i in seeded], count)
+            uniforms[_index(seeded, device)] = torch.from_numpy(keyed).to(device)
+        return uniforms
 
 
 def _has_penalty(params: SamplingParams) -> bool:
