@@ -151,7 +151,7 @@ def test_out_of_range_parameters(server, client, field, value):
     ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
     (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
     (chat(response_format={"type": "xml"}), "response_format.type"),
-    (chat(max_tokens=600), "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "w5 " * 600}]}, "messages"),
 ])
 def test_bad_requests(server, body, param):
     r = httpx.post(f"{server.url}/v1/openai/chat/completions", json=body)
@@ -160,9 +160,10 @@ def test_bad_requests(server, body, param):
 
 
 def test_context_overflow_names_the_numbers(client):
+    """A prompt that leaves no room is refused; a max_tokens past the context is clamped (test_seed_ranges.py)."""
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w5"}], max_tokens=600)
-    assert "600" in str(e.value) and "512" in str(e.value)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w5 " * 600}], max_tokens=4)
+    assert "the prompt has 6" in str(e.value) and "512" in str(e.value)
     assert e.value.body["code"] == "context_length_exceeded"
 
 

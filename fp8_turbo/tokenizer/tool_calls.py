@@ -36,13 +36,60 @@ class ToolCall:
 def call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
     """JSON Schema of one call, in the form above, to one of `functions` (OpenAI function definitions:
     {"name", "description", "parameters"}), its arguments following the function's parameters schema
-    (a function without one takes no arguments)."""
+    (a function without one takes no arguments).
+
+    Each parameters schema moves inside the call's schema, so its local references (`#`, `#/$defs/City`
+    as pydantic writes them, any `#/...` pointer) are rewritten to point where it now sits
+    (`#/properties/parameters/$defs/City`, or `#/anyOf/1/properties/parameters/...` for the second of
+    several functions): each function keeps its own `$defs`, so two tools' `City` never collide.
+    """
     options = []
-    for function in functions:
+    for i, function in enumerate(functions):
         parameters = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
-        options.append({"type": "object", "properties": {"name": {"const": function["name"]}, "parameters": parameters},
+        base = "/properties/parameters" if len(functions) == 1 else f"/anyOf/{i}/properties/parameters"
+        options.append({"type": "object",
+                        "properties": {"name": {"const": function["name"]}, "parameters": relocate_refs(parameters, base)},
                         "required": ["name", "parameters"], "additionalProperties": False})
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+# In a schema, the values of these keywords are data (a "$ref" key inside them is no reference), and
+# those of the next maps of names to schemas (a property may be called "default" or "$ref").
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "example"})
+_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def relocate_refs(schema: Any, base: str) -> Any:
+    """A copy of `schema` with every local JSON-pointer `$ref` ("#" or "#/...") prefixed by `base` (a
+    JSON pointer, "/properties/parameters"), for `schema` placed at `base` inside another document.
+    Other references (anchors "#name", URLs) are left as they are. Iterative: deep schemas cannot
+    exhaust the stack."""
+    stack: list[tuple[Any, Any, bool]] = []  # (source, its copy, whether source is a map of names to schemas)
+
+    def copy_of(value: Any, names: bool = False) -> Any:
+        if isinstance(value, (dict, list)):
+            out: Any = {} if isinstance(value, dict) else [None] * len(value)
+            stack.append((value, out, names))
+            return out
+        return value
+
+    root = copy_of(schema)
+    while stack:
+        source, target, names = stack.pop()
+        if isinstance(source, list):
+            for j, value in enumerate(source):
+                target[j] = copy_of(value)
+            continue
+        for key, value in source.items():
+            if names:
+                target[key] = copy_of(value)
+            elif key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+                target[key] = "#" + base + value[1:]
+            elif key in _DATA_KEYWORDS:
+                target[key] = value
+            else:
+                target[key] = copy_of(value, names=key in _NAME_MAPS)
+    return root
 
 
 def parse_tool_calls(text: str) -> list[ToolCall] | None:

@@ -227,9 +227,12 @@ class LLMEngine:
         if n_prompt >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n_prompt} tokens, but max_model_len is {self.max_model_len} "
                                      f"(at least one token must fit after the prompt)")
-        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {n_prompt} tokens and max_tokens is {params.max_tokens}: "
-                                     f"{n_prompt + params.max_tokens} tokens exceed max_model_len {self.max_model_len}")
+        # A max_tokens above what the context leaves is clamped to it (the sequence ends with finish_reason
+        # "length" when the context is full: _append_token), as the served API promises for max_tokens up
+        # to 1,000,000. min_tokens is a promise of tokens, so it must fit.
+        if params.min_tokens and n_prompt + params.min_tokens > self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {n_prompt} tokens and min_tokens is {params.min_tokens}: "
+                                     f"{n_prompt + params.min_tokens} tokens exceed max_model_len {self.max_model_len}")
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)
 

@@ -44,12 +44,9 @@ from fp8_turbo.engine.serving.protocol import (
 )
 from fp8_turbo.engine.sampling.params import SamplingParams, StructuredOutputsParams
 from fp8_turbo.engine.sampling.structured import GrammarError
-from fp8_turbo.engine.serving.structure import Structure, chat_structure, completion_structure
-from fp8_turbo.tokenizer import ToolCall, parse_tool_calls
+from fp8_turbo.engine.serving.structure import Structure, chat_structure, completion_structure, may_be_tool_call
 
 logger = logging.getLogger("fp8_turbo")
-
-_TOOL_CALL_STARTS = ("{", "[", "<|python_tag|>", "```")  # text that may become a tool call is held back
 
 
 class _Timing:
@@ -164,8 +161,7 @@ class OpenAIServer:
         try:
             self.engine.structured.compile(structure.params)
         except GrammarError as e:
-            param = structure.param
-            raise APIError(400, f"{param}: {e.detail}", param=param, code="invalid_value") from None
+            raise structure.grammar_error(e, self.engine.structured.compile) from None
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
@@ -265,7 +261,7 @@ class OpenAIServer:
 
     @staticmethod
     def _chat_choice(c: CompletionOutput, structure: Structure, top_logprobs: int | None) -> dict:
-        calls = _tool_calls(c.text, structure)
+        calls = structure.tool_calls(c.text)
         if calls:
             message = {"role": "assistant", "content": None, "refusal": None,
                        "tool_calls": [call.to_openai() for call in calls]}
@@ -302,10 +298,10 @@ class OpenAIServer:
                         i = c.index
                         if done[i]:
                             continue
-                        if holding[i] and not _may_be_tool_call(c.text):
+                        if holding[i] and not may_be_tool_call(c.text):
                             holding[i] = False  # plainly prose: stream it
                         finished = c.finish_reason is not None
-                        calls = _tool_calls(c.text, structure) if finished and holding[i] else None
+                        calls = structure.tool_calls(c.text) if finished and holding[i] else None
                         if calls:
                             deltas = [{"index": k, **call.to_openai()} for k, call in enumerate(calls)]
                             yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
@@ -503,20 +499,6 @@ def _num_prompts(prompt: str | list) -> int:
     if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
         return 1
     return len(prompt)
-
-
-def _may_be_tool_call(text: str) -> bool:
-    """Whether `text` is empty or begins like a tool call ("<|pyt" may still become "<|python_tag|>")."""
-    head = text.lstrip()
-    return any(head.startswith(start) or start.startswith(head) for start in _TOOL_CALL_STARTS)
-
-
-def _tool_calls(text: str, structure: Structure) -> list[ToolCall] | None:
-    """The calls `text` consists of when the request offered tools (only the first without parallel_tool_calls)."""
-    if not structure.parses_tool_calls:
-        return None
-    calls = parse_tool_calls(text)
-    return calls[:1] if calls and not structure.parallel_tool_calls else calls
 
 
 def _finish_reason(c: CompletionOutput) -> str:

@@ -6,23 +6,27 @@
   required (the answer is one or more calls to the tools, "; "-separated as the tool instructions
   ask; exactly one with parallel_tool_calls false), {"type": "function", "function": {"name"}}
   (one call to that function). Calls are the Llama 3.x JSON form `{"name", "parameters"}` with the
-  arguments following the function's parameters schema (fp8_turbo/tokenizer/tool_calls.py).
+  arguments following the function's parameters schema (fp8_turbo/tokenizer/tool_calls.py), which
+  may use `$defs`/`$ref` (recursive too) and `anyOf`, as pydantic writes them; a keyword the grammar
+  engine cannot enforce is a 400 naming the tool and the keyword.
 - structured_outputs (chat and completions): json, regex, choice, grammar or json_object.
 Only one of the three may constrain a request; with response_format or structured_outputs the tools
 are still shown, but the answer (held to that form) is never read as tool calls.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fp8_turbo.engine.sampling.params import StructuredOutputsParams
-from fp8_turbo.engine.sampling.structured import json_sequence_grammar
+from fp8_turbo.engine.sampling.structured import GrammarError, json_sequence_grammar
 from fp8_turbo.engine.serving.protocol import APIError, ChatCompletionRequest, ResponseFormat, _SamplingFields
 from fp8_turbo.tokenizer.chat_template import normalize_tools
-from fp8_turbo.tokenizer.tool_calls import call_schema
+from fp8_turbo.tokenizer.tool_calls import ToolCall, call_schema, parse_tool_calls
 
 TOOL_CALL_SEPARATOR = "; "  # as the tool instructions of fp8_turbo/tokenizer/chat_template.py ask
+_TOOL_CALL_STARTS = ("{", "[", "<|python_tag|>", "```")  # text that may become a tool call is held back
 
 
 @dataclass(slots=True)
@@ -31,6 +35,26 @@ class Structure:
     param: str | None = None  # the request field it comes from, for errors ("response_format.json_schema.schema")
     tools: list[dict[str, Any]] | None = None  # tools to show the model
     parallel_tool_calls: bool = True
+    functions: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (index in tools, function) called
+
+    def tool_calls(self, text: str) -> list[ToolCall] | None:
+        """The calls `text` consists of when the request offered tools (only the first without parallel_tool_calls)."""
+        if not self.parses_tool_calls:
+            return None
+        calls = parse_tool_calls(text)
+        return calls[:1] if calls and not self.parallel_tool_calls else calls
+
+    def grammar_error(self, e: GrammarError, compile: Callable[[StructuredOutputsParams], Any]) -> APIError:
+        """A 400 for a grammar that does not compile. For tool calls, the first tool whose parameters do not
+        compile by themselves is named with the problem (`Unimplemented keys: ["not"]`)."""
+        for index, function in self.functions:
+            try:
+                compile(StructuredOutputsParams(json=call_schema([function])))
+            except GrammarError as err:
+                param = f"tools[{index}].function.parameters"
+                return APIError(400, f"{param} (function {function['name']!r}): {err.detail}", param=param,
+                                code="invalid_value")
+        return APIError(400, f"{self.param}: {e.detail}", param=self.param, code="invalid_value")
 
     @property
     def parses_tool_calls(self) -> bool:
@@ -77,11 +101,11 @@ def _tool_choice(choice: str | dict, tools: list[dict[str, Any]] | None, paralle
     if choice in ("none", "auto"):
         return None
     if choice == "required":
-        functions = [t["function"] for t in tools or []]
+        functions = [(i, t["function"]) for i, t in enumerate(tools or [])]
     elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
             and isinstance(choice["function"].get("name"), str):
         name = choice["function"]["name"]
-        functions = [t["function"] for t in tools or [] if t["function"]["name"] == name]
+        functions = [(i, t["function"]) for i, t in enumerate(tools or []) if t["function"]["name"] == name]
         if tools and not functions:
             raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
                                 f"({', '.join(t['function']['name'] for t in tools)})", param="tool_choice",
@@ -93,12 +117,12 @@ def _tool_choice(choice: str | dict, tools: list[dict[str, Any]] | None, paralle
                        param="tool_choice", code="invalid_value")
     if not tools:
         raise APIError(400, f"tool_choice {choice!r:.100} needs tools", param="tool_choice", code="invalid_value")
-    schema = call_schema(functions)
+    schema = call_schema([function for _, function in functions])
     if parallel:
         params = StructuredOutputsParams(grammar=json_sequence_grammar(schema, TOOL_CALL_SEPARATOR))
     else:
         params = StructuredOutputsParams(json=schema)
-    return Structure(params, "tools")
+    return Structure(params, "tools", functions=functions)
 
 
 def _response_format(response_format: ResponseFormat | None) -> Structure | None:
@@ -121,3 +145,9 @@ def _structured_outputs(req: _SamplingFields) -> Structure | None:
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0].rstrip(":"), code="invalid_value") from None
     return Structure(params, f"structured_outputs.{params.kind}")
+
+
+def may_be_tool_call(text: str) -> bool:
+    """Whether `text` is empty or begins like a tool call ("<|pyt" may still become "<|python_tag|>")."""
+    head = text.lstrip()
+    return any(head.startswith(start) or start.startswith(head) for start in _TOOL_CALL_STARTS)
