@@ -128,6 +128,8 @@ def test_generate_and_serve_from_anywhere(venv, user_env, tmp_path):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] >= 1, body
+        for path in ("/", "/web/app.js", "/web/style.css"):  # the chat page ships as package data
+            assert httpx.get(f"http://127.0.0.1:{port}{path}", timeout=30).status_code == 200, path
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0, server.stdout.read()[-3000:]
     finally:

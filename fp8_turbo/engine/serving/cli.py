@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (or set {API_KEY_ENV})")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--no-web-ui", dest="web_ui", action="store_false",
+                   help="do not serve the chat page at / (the API is unchanged)")
     p.add_argument("--price-input", type=float, default=DEFAULT_PRICE_INPUT_PER_M,
                    help="USD per million prompt tokens, for usage.estimated_cost")
     p.add_argument("--price-output", type=float, default=DEFAULT_PRICE_OUTPUT_PER_M,

@@ -37,6 +37,7 @@ from fp8_turbo.engine.serving.lifecycle import Lifecycle, check_engine, serve
 from fp8_turbo.engine.serving.limits import ServerLimits, limits_from_args
 from fp8_turbo.engine.serving.metrics import ServerMetrics
 from fp8_turbo.engine.serving.request_context import RequestContextMiddleware, error_response, server_error
+from fp8_turbo.engine.serving.scheme import served_scheme
 from fp8_turbo.engine.core.outputs import CompletionOutput, RequestOutput
 from fp8_turbo.engine.serving.protocol import (
     API_KEY_ENV, DEFAULT_PRICE_INPUT_PER_M, DEFAULT_PRICE_OUTPUT_PER_M, APIError, ChatCompletionRequest, CompletionRequest,
@@ -45,6 +46,7 @@ from fp8_turbo.engine.serving.protocol import (
 from fp8_turbo.engine.sampling.params import SamplingParams, StructuredOutputsParams
 from fp8_turbo.engine.sampling.structured import GrammarError
 from fp8_turbo.engine.serving.structure import Structure, chat_structure, completion_structure, may_be_tool_call
+from fp8_turbo.engine.serving.web_ui import add_web_ui
 
 logger = logging.getLogger("fp8_turbo")
 
@@ -113,6 +115,7 @@ class OpenAIServer:
         config = engine.config
         configuration = f"{config.model}|{config.quantization}|{config.kv_cache_dtype}|{engine.dtype}"
         self.system_fingerprint = "fp_" + hashlib.sha256(configuration.encode()).hexdigest()[:10]
+        self.scheme = served_scheme(engine)  # what the model computes in, for the model card
 
     # ---- request plumbing -----------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -465,7 +468,7 @@ class OpenAIServer:
     # ---- the rest -------------------------------------------------------------------------------
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fp8-turbo",
-                "max_model_len": self.engine.max_model_len}
+                "max_model_len": self.engine.max_model_len, "quantization": self.scheme}
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)
@@ -508,7 +511,7 @@ def _finish_reason(c: CompletionOutput) -> str:
 def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
               price_input_per_m: float = DEFAULT_PRICE_INPUT_PER_M,
               price_output_per_m: float = DEFAULT_PRICE_OUTPUT_PER_M, limits: ServerLimits | None = None,
-              metrics_public: bool = False, shutdown_timeout: float = 30.0) -> FastAPI:
+              metrics_public: bool = False, shutdown_timeout: float = 30.0, web_ui: bool = True) -> FastAPI:
     server = OpenAIServer(engine, served_model_name=served_model_name, api_key=api_key,
                           price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m,
                           limits=limits, metrics_public=metrics_public, shutdown_timeout=shutdown_timeout)
@@ -548,6 +551,8 @@ def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None 
         app.add_api_route(path, route("models", server.model), methods=["GET"])
     app.add_api_route("/health", route(None, server.health), methods=["GET"])
     app.add_api_route("/metrics", route(None, server.metrics_text), methods=["GET"])
+    if web_ui:
+        add_web_ui(app)  # the chat page at /
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -587,8 +592,10 @@ def run_server(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = build_app(engine, served_model_name=name, api_key=api_key, price_input_per_m=args.price_input,
                     price_output_per_m=args.price_output, limits=limits, metrics_public=args.metrics_public,
-                    shutdown_timeout=args.shutdown_timeout)
+                    shutdown_timeout=args.shutdown_timeout, web_ui=getattr(args, "web_ui", True))
     logger.info("loaded %s in %.1fs (quantization %s, KV cache %s: %d tokens); serving %r at http://%s:%d/v1%s",
                 args.model, engine.load_seconds, config.quantization, config.kv_cache_dtype,
                 engine.kv_capacity_tokens, name, args.host, args.port, " (API key required)" if api_key else "")
+    if getattr(args, "web_ui", True):
+        logger.info("chat page: http://%s:%d/", args.host, args.port)
     return serve(app, host=args.host, port=args.port, header_timeout=limits.header_timeout)
