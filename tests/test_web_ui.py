@@ -121,6 +121,17 @@ def record_streaming(b: Session) -> None:
         }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});""")
 
 
+def record_requests(b: Session) -> None:
+    """From now on, window.__bodies holds the body (text) of each request the page sends."""
+    b.run("""
+        window.__bodies = [];
+        const fetch = window.fetch;
+        window.fetch = (url, options) => {
+          if (options && options.body) window.__bodies.push(options.body);
+          return fetch(url, options);
+        };""")
+
+
 STATS = re.compile(r"^(?P<stopped>stopped · )?(?P<approx>~)?(?P<tokens>\d+) tokens · TTFT (?P<ttft>[\d.]+|–) s? ?· "
                    r"(?P<rate>[\d.]+|–) tok/s · finish_reason (?P<finish>\S+) · (?P<label>.+) · KV (?P<kv>\S+(?: \S+)?)$")
 
@@ -265,6 +276,7 @@ def test_regenerate_replaces_the_answer_and_a_seed_repeats_it(page, smol):
     assert first["text"] == api["choices"][0]["message"]["content"]
 
     chats = smol.metrics()['fp8_turbo_requests_total{endpoint="chat",status="200"}']
+    record_requests(page)
     page.run("document.querySelector('#messages .msg.assistant').dataset.old = '1'")
     page.find("#regenerate").click()
     page.wait_for("return !document.querySelector('#messages .msg.assistant[data-old]')")
@@ -272,6 +284,31 @@ def test_regenerate_replaces_the_answer_and_a_seed_repeats_it(page, smol):
     assert second["state"] == "done" and second["text"] == first["text"], (first, second)
     assert page.run("return document.querySelectorAll('#messages .msg.assistant').length") == 1
     assert smol.metrics()['fp8_turbo_requests_total{endpoint="chat",status="200"}'] == chats + 1
+    (body,) = map(json.loads, page.run("return window.__bodies"))  # the conversation without the replaced answer
+    assert body["messages"] == [{"role": "user", "content": "Tell me a fact about the sea."}], body
+    assert (body["temperature"], body["seed"], body["max_tokens"]) == (0.9, 9223372036854775807, 12), body
+
+
+def test_clear_while_streaming_aborts_and_starts_over(page, smol):
+    before = smol.wait_idle()
+    set_field(page, "system", "You are terse.")
+    set_field(page, "max_tokens", "")
+    send(page, LONG_TRIGGER)
+    page.wait_for("const b = document.querySelector('#messages .msg.assistant.streaming .body');"
+                  "return b && b.textContent.length > 8")
+    page.find("#clear").click()
+    assert page.run("return document.querySelectorAll('#messages .msg').length") == 0
+    after = smol.wait_idle(timeout=30)
+    assert after["fp8_turbo_kv_cache_used_blocks"] == 0, after
+    assert after["fp8_turbo_requests_aborted_total"] == before.get("fp8_turbo_requests_aborted_total", 0) + 1
+    record_requests(page)
+    send(page, HTML_TRIGGER)
+    answer = wait_answer(page)
+    assert answer["state"] == "done" and answer["text"] == HTML_ANSWER, answer
+    (body,) = map(json.loads, page.run("return window.__bodies"))  # of the cleared conversation: the system prompt
+    assert body["messages"] == [{"role": "system", "content": "You are terse."},
+                                {"role": "user", "content": HTML_TRIGGER}], body
+    assert page.run("return document.querySelectorAll('#messages .msg').length") == 2
 
 
 def test_out_of_range_settings_are_refused_and_server_errors_shown(page, smol):

@@ -331,6 +331,7 @@ async function generate(settings) {
     view.classList.remove("streaming");
     setBusy(false);
   }
+  if (!view.isConnected) return; // cleared while it streamed: the conversation it belonged to is gone
   if (error !== null && text === "") {
     view.className = "msg error";
     view.querySelector(".role").textContent = "error";
