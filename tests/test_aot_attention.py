@@ -9,50 +9,27 @@ issues 1-byte loads and pipelines nothing, which is what an earlier version of t
 ("KV_STAGES=3 adds 512 B of shared memory"). With it, the K/V loop's shared-memory buffers are read
 from the compiled TTGIR: two per K and V tile at KV_STAGES = 5 (tests below).
 """
-import inspect
 import re
 
 import pytest
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from fp8_turbo.kernels import kv_write, paged_attention as pa
+from fp8_turbo.kernels.aot import aot_compile
 from fp8_turbo.kernels.backend import interpreting
 
 pytestmark = pytest.mark.skipif(interpreting(), reason="AOT compile needs the compiled (not interpreted) kernels")
 
 SHARED_LIMIT = 227 * 1024  # H100 / H200 max shared memory per block; sm_89 allows 99 KB (checked below)
-TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm89": GPUTarget("cuda", 89, 32)}
+TARGETS = {"sm90": 90, "sm89": 89}  # cuda arch
 SMEM = {"sm90": SHARED_LIMIT, "sm89": 99 * 1024}
 
 
-def _signature(kernel, constexprs, types):
-    """Every argument: 'constexpr' for the given constexprs, else its type from `types` (pointers by
-    name), defaulting to i32 for sizes/strides."""
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = types.get(name, "i32")
-    return sig
-
-
-def _aligned(kernel, types):
-    """tt.divisibility=16 on every pointer and stride, as the JIT specializes them at run time."""
-    names = list(inspect.signature(kernel.fn).parameters)
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-            if types.get(n, "").startswith("*") or n.startswith("stride_")}
-
-
 def _compile(kernel, types, constexprs, target, num_warps, num_stages):
-    sig = _signature(kernel, constexprs, types)
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=_aligned(kernel, sig))
-    # enable_fp_fusion: the launches use Triton 3.9's default (FMA contraction on); explicit silences its warning
-    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
-    return triton.compile(src, target=TARGETS[target], options=options)
+    # pointers and strides 16-byte aligned, as the JIT specializes them; FMA contraction on (the default)
+    k, _ = aot_compile(kernel, types, constexprs, arch=TARGETS[target], num_warps=num_warps, num_stages=num_stages)
+    return k
 
 
 def _kv_types(kv_dtype):

@@ -7,23 +7,20 @@ JIT would see at run time (16-byte aligned pointers and strides, unit K strides)
     sm_89: `mma.sync ... e4m3.e4m3`;
   - shared memory fits an H100 (<= 227 KB per block);
   - register spills, read from ptxas -v, are reported (printed; `pytest -rA` shows them) and bounded
-    by MAX_SPILL_BYTES.
+    by MAX_SPILL_BYTES;
+  - the split-K decode tiles (fp32 partials, what `bench/gemm.py --split-k` sweeps) compile the same way.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-import io
 import re
 
 import pytest
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 import fp8_turbo.kernels.gemm as gemm
 from fp8_turbo.kernels import quantize as quant
+from fp8_turbo.kernels.aot import aot_compile
 
 H100_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on H100 (228 KB per SM)
 MAX_SPILL_BYTES = 256  # a few spilled registers are tolerable; more means the tile is too big
@@ -35,20 +32,9 @@ GEMM_INTS = [
 
 
 def _compile(fn, signature: dict, constexprs: dict, aligned: list[str], num_warps: int, num_stages: int, arch: int):
-    """triton.compile for cuda:arch; returns (kernel, ptxas log)."""
-    constexprs = dict(constexprs)
-    for param in inspect.signature(fn.fn).parameters.values():  # defaulted constexprs (UPCAST, DOT_DTYPE)
-        if param.default is not inspect.Parameter.empty and param.name not in constexprs:
-            constexprs[param.name] = param.default
-    sig = dict(signature)
-    sig.update({name: "constexpr" for name in constexprs})
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # ptxas -v output, printed by triton when dump_ptxas_log
-        options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}  # the JIT default
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return kernel, log.getvalue()
+    """aot_compile for cuda:arch with exactly the `aligned` arguments 16-byte aligned; (kernel, ptxas log)."""
+    return aot_compile(fn, signature, constexprs, arch=arch, num_warps=num_warps, num_stages=num_stages,
+                       aligned=tuple(aligned), align_strides=False, capture_ptxas=True)
 
 
 def _spills(ptxas_log: str) -> int:
@@ -153,5 +139,25 @@ def test_w8a16_config_compiles(cfg):
     mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]*", kernel.asm["ptx"])))
     print(f"sm_90a W8A16 {cfg}: mma={mma} shared={kernel.metadata.shared} B spills={_spills(log)} B")
     assert any(m.startswith("wgmma.mma_async") and "bf16.bf16" in m for m in mma), mma
+    assert kernel.metadata.shared <= H100_MAX_SHARED
+    assert _spills(log) <= MAX_SPILL_BYTES, log
+
+
+@pytest.mark.parametrize("cfg", [c for c in gemm.DECODE_CONFIGS if c.kwargs["BLOCK_N"] == gemm.MIN_DECODE_TILE],
+                         ids=lambda c: "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
+def test_split_k_decode_config_compiles(cfg):
+    """Split-K (SPLIT_K=2) on the swapped decode path at M <= 16: fp32 partials [SPLIT_K, M, N], e4m3 wgmma."""
+    launch = gemm.gemm_launch(1, 8192, 8192, (gemm.PER_ROW, 1), (gemm.PER_ROW, 1), has_bias=False, split_k=2)
+    assert launch.swap and launch.split_k == 2 and cfg in launch.configs
+    sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*fp32", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+           "bias_ptr": "*fp32", **{name: "i32" for name in GEMM_INTS}}
+    constexprs = dict(stride_ak=1, stride_bk=1, stride_cm=1, **launch.constexprs(cfg))
+    for name in constexprs:
+        sig.pop(name, None)
+    aligned = ["a_ptr", "b_ptr", "c_ptr", "K", "stride_am", "stride_bn", "stride_cn", "stride_cs"]
+    kernel, log = _compile(gemm._fp8_gemm_kernel, sig, constexprs, aligned, cfg.num_warps, cfg.num_stages, 90)
+    mma = sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", kernel.asm["ptx"])))
+    print(f"sm_90a split-K 2 {cfg}: mma={mma} shared={kernel.metadata.shared} B spills={_spills(log)} B")
+    assert any("e4m3.e4m3" in m for m in mma), mma
     assert kernel.metadata.shared <= H100_MAX_SHARED
     assert _spills(log) <= MAX_SPILL_BYTES, log

@@ -12,6 +12,7 @@
         torch reference (dequantized operands, one matmul): the Triton kernel's K loop steps by BLOCK_K
         and assumes 128-wide scale groups; finer groups there are future work.
     fp8_weight_only_gemm(x, b, b_scale, bias=None) -> c [M, N] in x.dtype     (W8A16, fp8-weight-only)
+    gemm_launch(m, n, k, ...) -> GemmLaunch: swap, split-K, constexprs and candidate configs of a call
 
 Kernel (Triton tutorial 03 structure, grouped tile ordering): each BLOCK_K step's fp8 product is
 promoted into an fp32 accumulator (Hopper's fp8 wgmma keeps only ~14 bits when it accumulates by
@@ -34,6 +35,7 @@ applied to the output, or on dequantized operands for block scales.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -224,7 +226,9 @@ _w8a16_gemm_autotuned = triton.autotune(
 
 def split_k_for(m: int, n: int, k: int, num_sms: int) -> int:
     """Decode split-K: split K (a power of two <= 8, each part >= 1024 deep) while the 64-row tiles
-    over N leave more than half of the SMs idle."""
+    over N leave more than half of the SMs idle. At Llama-3.3-70B TP=1 shapes on 132 SMs this never
+    splits (o/down 128 tiles, qkv 160); `bench/gemm.py --split-k 1 2 4` sweeps the alternatives on a
+    GPU (bench/GPU.md records the outcome; this rule changes only on a measured win)."""
     if m > DECODE_MAX_M:
         return 1
     tiles = triton.cdiv(n, 64)
@@ -250,6 +254,56 @@ def _operand(x, scale, layout):
     return x, scale, scale.stride(0), scale.stride(1), scale_rows, True
 
 
+@dataclass(frozen=True, slots=True)
+class GemmLaunch:
+    """How one fp8_gemm / W8A16 call launches the kernel: a pure function of the shapes and flags
+    (`gemm_launch`), shared by the launcher and by scripts/gpu_compile_plan.py, which counts the
+    variants a GPU run compiles (each distinct (meta, config) pair is one compile)."""
+
+    swap: bool  # decode: c.T = b @ a.T (the weight's N fills the 64-row tile)
+    split_k: int
+    meta: tuple[tuple[str, object], ...]  # constexprs other than the tile config, sorted by name
+    configs: tuple  # triton.Config: the one it runs (fixed), or the autotuner's candidates after pruning
+    autotuned: bool
+    w8a16: bool
+
+    def constexprs(self, config) -> dict:
+        return {**dict(self.meta), **config.kwargs}
+
+
+def gemm_launch(m: int, n: int, k: int, a_layout: tuple[int, int], b_layout: tuple[int, int], *, has_bias: bool,
+                w8a16_dtype: torch.dtype | None = None, split_k: int | None = None, deterministic: bool = False,
+                num_sms: int = 1) -> GemmLaunch:
+    """The launch of c [m, n] = a [m, k] @ b [n, k].T; w8a16_dtype: the activations' dtype of a W8A16 call
+    (None: W8A8); split_k None: `split_k_for` (always 1 when deterministic)."""
+    w8a16 = w8a16_dtype is not None
+    if deterministic:
+        if split_k not in (None, 1):
+            raise ValueError(f"fp8_gemm: split_k={split_k} with deterministic=True (batch-invariant rows need 1)")
+        split_k = 1
+    elif split_k is None:
+        split_k = split_k_for(m, n, k, num_sms)
+    elif not (isinstance(split_k, int) and split_k >= 1):
+        raise ValueError(f"fp8_gemm: split_k={split_k!r}; allowed: a positive int")
+    swap = m <= DECODE_MAX_M and not deterministic
+    lhs, rhs = (b_layout, a_layout) if swap else (a_layout, b_layout)
+    meta = dict(
+        A_SCALE_ROWS=1 if lhs[0] == PER_TENSOR else lhs[1], A_SCALE_K=lhs[0] == PER_BLOCK,
+        B_SCALE_ROWS=1 if rhs[0] == PER_TENSOR else rhs[1], B_SCALE_K=rhs[0] == PER_BLOCK,
+        HAS_BIAS=has_bias, BIAS_ALONG_M=swap, SPLIT_K=split_k,
+    )
+    if w8a16:
+        meta.update(UPCAST=True, DOT_DTYPE=_dot_dtype(w8a16_dtype))
+    if interpreting():
+        configs, autotuned = (W8A16_INTERPRET_CONFIG if w8a16 else INTERPRET_CONFIG,), False
+    elif deterministic:
+        configs, autotuned = (W8A16_DETERMINISTIC_CONFIG if w8a16 else DETERMINISTIC_CONFIG,), False
+    else:
+        pool = W8A16_CONFIGS if w8a16 else GEMM_CONFIGS
+        configs, autotuned = tuple(_prune_configs(pool, {"M_BUCKET": m_bucket(m)})), True
+    return GemmLaunch(swap, split_k, tuple(sorted(meta.items())), configs, autotuned, w8a16)
+
+
 def _fp8_gemm_triton(a, b, a_scale, b_scale, a_layout, b_layout, out_dtype, bias, split_k=None,
                      deterministic=False):
     """a [M, K] e4m3 (or bf16/fp16/fp32 activations: W8A16, a_scale a ones [1]), b [N, K] e4m3."""
@@ -260,20 +314,19 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, a_layout, b_layout, out_dtype, bias
     if max(a.numel(), b.numel(), m * n) >= 2**31:
         raise ValueError(f"fp8_gemm: a {tuple(a.shape)}, b {tuple(b.shape)}: operands need < 2^31 elements")
     w8a16 = a.dtype != FP8_DTYPE
-    if deterministic:
-        split_k = 1
-    elif split_k is None:
-        split_k = split_k_for(m, n, k, _num_sms(a.device) if a.is_cuda else 1)
+    launch = gemm_launch(m, n, k, a_layout, b_layout, has_bias=bias is not None,
+                         w8a16_dtype=a.dtype if w8a16 else None, split_k=split_k, deterministic=deterministic,
+                         num_sms=_num_sms(a.device) if a.is_cuda else 1)
+    split_k = launch.split_k
     if split_k > 1:
         c = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)  # partials
     else:
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     lhs, rhs = _operand(a, a_scale, a_layout), _operand(b, b_scale, b_layout)
     stride_cm, stride_cn = c.stride(-2), c.stride(-1)
-    swap = m <= DECODE_MAX_M and not deterministic
-    if swap:  # c.T [N, M] = b @ a.T
+    if launch.swap:  # c.T [N, M] = b @ a.T
         lhs, rhs, stride_cm, stride_cn = rhs, lhs, stride_cn, stride_cm
-    (x, xs, xs_row, xs_k, x_rows, x_k), (y, ys, ys_row, ys_k, y_rows, y_k) = lhs, rhs
+    (x, xs, xs_row, xs_k, _, _), (y, ys, ys_row, ys_k, _, _) = lhs, rhs
     rows, cols = x.shape[0], y.shape[0]
     args = (
         x, y, c, xs, ys, bias if bias is not None else xs,
@@ -282,22 +335,13 @@ def _fp8_gemm_triton(a, b, a_scale, b_scale, a_layout, b_layout, out_dtype, bias
         c.stride(0) if split_k > 1 else 0, stride_cm, stride_cn,
         xs_row, xs_k, ys_row, ys_k,
     )
-    meta = dict(
-        A_SCALE_ROWS=x_rows, A_SCALE_K=x_k, B_SCALE_ROWS=y_rows, B_SCALE_K=y_k,
-        HAS_BIAS=bias is not None, BIAS_ALONG_M=swap, SPLIT_K=split_k,
-    )
-    if w8a16:
-        meta.update(UPCAST=True, DOT_DTYPE=_dot_dtype(a.dtype))
+    meta = dict(launch.meta)
 
     def grid(META):
         return (triton.cdiv(rows, META["BLOCK_M"]) * triton.cdiv(cols, META["BLOCK_N"]), split_k)
 
-    fixed = None
-    if interpreting():
-        fixed = W8A16_INTERPRET_CONFIG if w8a16 else INTERPRET_CONFIG
-    elif deterministic:
-        fixed = W8A16_DETERMINISTIC_CONFIG if w8a16 else DETERMINISTIC_CONFIG
-    if fixed is not None:
+    if not launch.autotuned:
+        fixed = launch.configs[0]
         _fp8_gemm_kernel[grid(fixed.kwargs)](*args, **meta, **fixed.kwargs, num_warps=fixed.num_warps,
                                              num_stages=fixed.num_stages)
     elif w8a16:
@@ -391,9 +435,12 @@ def fp8_gemm(
     bias: torch.Tensor | None = None,
     *,
     deterministic: bool = False,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """c [M, N] = (a * a_scale) @ (b * b_scale).T (+ bias); see the module docstring.
-    deterministic (Triton): one tile config for every M, no swap, no split-K (batch-invariant rows)."""
+    deterministic (Triton): one tile config for every M, no swap, no split-K (batch-invariant rows).
+    split_k (Triton): K splits of the decode path (None: `split_k_for`; benchmarks sweep it); the fp32
+    partials are summed in a fixed order. Not allowed above 1 with deterministic=True."""
     a_layout, b_layout = _check_args(a, b, a_scale, b_scale, out_dtype, bias)
     if not use_triton(a):
         if cpu_kernels.available():  # our C++ kernel (kernels/cpu), batch-invariant
@@ -402,7 +449,7 @@ def fp8_gemm(
     if PER_GROUP in (a_layout[0], b_layout[0]):
         return fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
     return _fp8_gemm_triton(a, b, a_scale.float(), b_scale.float(), a_layout, b_layout, out_dtype, bias,
-                            deterministic=deterministic)
+                            split_k=split_k, deterministic=deterministic)
 
 
 def fp8_weight_only_gemm_reference(x, b, b_scale, bias=None) -> torch.Tensor:
