@@ -197,4 +197,5 @@ def test_quick_tier_compiles_fit_its_window():
     before_numbers = ORDER[:ORDER.index("bench_decode_step") + 1]
     counts = {part: len(plan.parts.get(part, [])) for part in ORDER}
     assert sum(counts[p] for p in before_numbers) <= 32, counts
+    assert sum(QUICK.caps[p] for p in before_numbers) <= 150  # capped parts keep what they measured
     assert counts["kernels_70b"] > 0 and counts["bench_gemm"] > 0  # the plan sees the parts' launches
