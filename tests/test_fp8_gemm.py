@@ -161,6 +161,25 @@ def test_autotune_key_is_the_bucket_and_the_weight_shape():
     assert {"M", "N", "M_BUCKET", "N_KEY"} <= unspecialized  # no new compile per token count
 
 
+def test_gemm_launch_split_k_and_deterministic():
+    """gemm_launch decides what the launcher runs: the heuristic's split, an explicit one (the split-K sweep
+    of bench/gemm.py), and deterministic mode, which refuses a split (its rows must not depend on the batch)."""
+    from fp8_turbo.kernels.gemm import DETERMINISTIC_CONFIG, PER_ROW, gemm_launch
+
+    row = (PER_ROW, 1)
+    assert gemm_launch(1, 1280, 8192, row, row, has_bias=False, num_sms=132).split_k == 4  # TP=8 qkv
+    assert gemm_launch(1, 8192, 8192, row, row, has_bias=False, num_sms=132).split_k == 1  # TP=1 o: 128 tiles
+    launch = gemm_launch(16, 8192, 8192, row, row, has_bias=False, split_k=2, num_sms=132)
+    assert launch.swap and launch.split_k == 2 and dict(launch.meta)["SPLIT_K"] == 2 and launch.autotuned
+    assert set(launch.configs) == {c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 16}
+    det = gemm_launch(16, 8192, 8192, row, row, has_bias=False, deterministic=True, num_sms=132)
+    assert not det.swap and det.split_k == 1 and det.configs == (DETERMINISTIC_CONFIG,) and not det.autotuned
+    with pytest.raises(ValueError, match="deterministic"):
+        gemm_launch(1, 8192, 8192, row, row, has_bias=False, deterministic=True, split_k=2)
+    with pytest.raises(ValueError, match="split_k"):
+        gemm_launch(1, 8192, 8192, row, row, has_bias=False, split_k=0)
+
+
 def test_weight_only_reference():
     torch.manual_seed(5)
     x, w, bias = torch.randn(7, 300), torch.randn(90, 300), torch.randn(90)
