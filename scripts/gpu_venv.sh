@@ -9,6 +9,7 @@
 #     DIR/bin/python -m pytest --collect-only -q -m gpu tests
 #     DIR/bin/python -m pytest -q tests/test_aot_gemm.py tests/test_aot_attention.py
 #     DIR/bin/python scripts/gpu_check.py --dry-run --out /tmp/gpu-dry
+#     DIR/bin/python scripts/gpu_compile_plan.py --tier quick --compile   # every variant the run compiles
 #
 # The image has numpy 2.5; the newest numpy for this machine's python is 2.4.x, which already breaks
 # triton 3.6's interpreter (as 2.5 does there): nothing run on the GPU may rely on TRITON_INTERPRET.
