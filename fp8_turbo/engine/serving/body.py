@@ -114,3 +114,17 @@ async def read_json(request: Request, max_bytes: int, timeout: float,
     if len(raw) > _PARSE_IN_THREAD_BYTES:
         return await run_blocking(parse_json_object, raw)
     return parse_json_object(raw)
+
+
+def parse_json_text(text: str, param: str) -> Any:
+    """A JSON text inside the body (a tool call's arguments) parsed with the same checks as the body,
+    its 400s naming `param` ("input[2].arguments") and the path below it."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise APIError(400, f"{param} is nested more than {MAX_JSON_DEPTH} levels deep", param=param,
+                       code="invalid_value") from None
+    except ValueError as e:
+        raise APIError(400, f"{param} is not valid JSON: {e}", param=param, code="invalid_value") from None
+    _check_tree({param: value})
+    return value

@@ -6,9 +6,11 @@ waiting requests, KV-cache usage) are read from the engine when /metrics is scra
 from __future__ import annotations
 
 import bisect
+import time
 from collections import defaultdict
 
 from fp8_turbo.engine.core.llm_engine import LLMEngine
+from fp8_turbo.engine.core.outputs import RequestOutput
 
 PREFIX = "fp8_turbo"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -94,3 +96,29 @@ def parse_metrics(text: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
     return out
+
+
+class RequestTiming:
+    """Per-request latency bookkeeping feeding the TTFT / inter-token histograms."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float):
+        self.metrics, self.arrival = metrics, arrival
+        self.tokens = 0
+        self.last: float | None = None
+
+    def update(self, out: RequestOutput) -> None:
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        new = tokens - self.tokens
+        if new <= 0:
+            return
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            step = (now - self.last) / new
+            for _ in range(new):
+                self.metrics.itl.observe(step)
+        self.metrics.generation_tokens += new
+        self.tokens, self.last = tokens, now
+        if out.finished:
+            self.metrics.e2e.observe(now - self.arrival)

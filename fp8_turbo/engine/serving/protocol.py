@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from fp8_turbo.engine.core.outputs import Logprob
 from fp8_turbo.engine.sampling.params import SamplingParams, StructuredOutputsParams
@@ -147,6 +147,68 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+
+
+def _default_if_none(default: Any) -> BeforeValidator:
+    return BeforeValidator(lambda v: default if v is None else v)
+
+
+class ResponseTextFormat(_Request):
+    """The Responses API's `text.format`: text, json_object, or json_schema with its fields inline."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, strict or not
+    description: str | None = None
+
+
+class ResponseText(_Request):
+    format: ResponseTextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(_SamplingFields):
+    """POST /v1/responses (OpenAI's Responses API). vLLM's sampling extensions (top_k, min_p, penalties,
+    seed, stop, ...) are accepted as in chat completions; `n` and `max_tokens` are not Responses fields.
+    Other fields are kept (extra="allow") so that the ones this server does not implement get a 400."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    input: str | list[Any]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: Annotated[Number, _default_if_none(1.0)] = 1.0
+    top_p: Annotated[Number, _default_if_none(1.0)] = 1.0
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponseText | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's POST /tokenize: a `prompt` (add_special_tokens defaults to true) or chat `messages` (rendered
+    with the chat template; add_special_tokens defaults to false, as the template writes BOS)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses --------------------------------------------------------------------------------------

@@ -35,8 +35,10 @@ from fp8_turbo.engine.core.llm_engine import LLMEngine, PromptTooLongError
 from fp8_turbo.engine.serving.body import read_json
 from fp8_turbo.engine.serving.lifecycle import Lifecycle, check_engine, serve
 from fp8_turbo.engine.serving.limits import ServerLimits, limits_from_args
-from fp8_turbo.engine.serving.metrics import ServerMetrics
+from fp8_turbo.engine.serving.metrics import RequestTiming, ServerMetrics
 from fp8_turbo.engine.serving.request_context import RequestContextMiddleware, error_response, server_error
+from fp8_turbo.engine.serving.responses import add_responses_routes
+from fp8_turbo.engine.serving.tokenization import add_tokenization_routes
 from fp8_turbo.engine.serving.scheme import served_scheme
 from fp8_turbo.engine.core.outputs import CompletionOutput, RequestOutput
 from fp8_turbo.engine.serving.protocol import (
@@ -49,32 +51,6 @@ from fp8_turbo.engine.serving.structure import Structure, chat_structure, comple
 from fp8_turbo.engine.serving.web_ui import add_web_ui
 
 logger = logging.getLogger("fp8_turbo")
-
-
-class _Timing:
-    """Per-request latency bookkeeping feeding the TTFT / inter-token histograms."""
-
-    def __init__(self, metrics: ServerMetrics, arrival: float):
-        self.metrics, self.arrival = metrics, arrival
-        self.tokens = 0
-        self.last: float | None = None
-
-    def update(self, out: RequestOutput) -> None:
-        tokens = sum(len(c.token_ids) for c in out.outputs)
-        new = tokens - self.tokens
-        if new <= 0:
-            return
-        now = time.monotonic()
-        if self.last is None:
-            self.metrics.ttft.observe(now - self.arrival)
-        else:
-            step = (now - self.last) / new
-            for _ in range(new):
-                self.metrics.itl.observe(step)
-        self.metrics.generation_tokens += new
-        self.tokens, self.last = tokens, now
-        if out.finished:
-            self.metrics.e2e.observe(now - self.arrival)
 
 
 class _EngineStream(StreamingResponse):
@@ -197,7 +173,7 @@ class OpenAIServer:
 
     async def run_to_end(self, request: Request, request_id: str, arrival: float) -> RequestOutput:
         """Follow a submitted request to its last output; a client that goes away aborts it."""
-        timing = _Timing(self.metrics, arrival)
+        timing = RequestTiming(self.metrics, arrival)
         final = None
         async with aclosing(self.aengine.stream(request_id)) as outputs:
             async for out in outputs:
@@ -288,7 +264,7 @@ class OpenAIServer:
         sent_tokens = [0] * params.n  # tokens whose logprobs were sent
         holding = [structure.parses_tool_calls] * params.n  # text that may be a tool call is held until the end
         done = [False] * params.n
-        timing = _Timing(self.metrics, arrival)
+        timing = RequestTiming(self.metrics, arrival)
         completion_tokens = 0
         for i in range(params.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -440,7 +416,7 @@ class OpenAIServer:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         sent = [0] * params.n
-        timing = _Timing(self.metrics, arrival)
+        timing = RequestTiming(self.metrics, arrival)
         completion_tokens = 0
         if req.echo:
             prompt_text = await self.run_blocking(self.tokenizer.decode, prompt_ids)
@@ -549,6 +525,8 @@ def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None 
     app.add_api_route("/v1/openai/models", route("models", server.models), methods=["GET"])
     for path in ("/v1/models/{model:path}", "/v1/openai/models/{model:path}"):
         app.add_api_route(path, route("models", server.model), methods=["GET"])
+    add_responses_routes(app, server, route)
+    add_tokenization_routes(app, server, route)
     app.add_api_route("/health", route(None, server.health), methods=["GET"])
     app.add_api_route("/metrics", route(None, server.metrics_text), methods=["GET"])
     if web_ui:
