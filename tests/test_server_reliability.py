@@ -58,7 +58,7 @@ BAD_BODIES = [
     ({"model": MODEL, "messages": [{"role": "bot", "content": "w5"}]}, 400),
     ({"model": MODEL, "messages": []}, 400),
     ({"model": "other-model", "messages": [{"role": "user", "content": "w5"}]}, 404),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "max_tokens": 10_000}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "w5 " * 600}]}, 400),  # past max_model_len
     (b'{"model": "x", "messages": [', 400),
     (b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "w5 \\ud800"}]}', 400),
     (b'{"model": "\\udfff", "messages": []}', 400),
