@@ -190,6 +190,21 @@ def test_function_tool_round_trip(client):
     assert answer.output_text == chat.message.content and answer.usage.input_tokens == usage.prompt_tokens
 
 
+def test_multi_turn_by_items_and_by_previous_response_id(client):
+    """The second turn, sent as the first turn's output items (what agent SDKs do) or as
+    previous_response_id, reads the same conversation as the chat completion of it."""
+    first = client.responses.create(model=MODEL, input="Name a fruit.", temperature=0, max_output_tokens=20)
+    follow = {"role": "user", "content": "What colour is it?"}
+    by_id = client.responses.create(model=MODEL, previous_response_id=first.id, input=[follow], temperature=0,
+                                    max_output_tokens=20)
+    by_items = client.responses.create(model=MODEL, temperature=0, max_output_tokens=20, input=[
+        {"role": "user", "content": "Name a fruit."}, *[o.model_dump(exclude_none=True) for o in first.output], follow])
+    chat, usage = chat_text(client, [{"role": "user", "content": "Name a fruit."},
+                                     {"role": "assistant", "content": first.output_text}, follow], max_tokens=20)
+    assert by_id.output_text == by_items.output_text == chat.message.content
+    assert by_id.usage.input_tokens == by_items.usage.input_tokens == usage.prompt_tokens
+
+
 def test_streamed_function_call_events(client):
     kw = dict(model=MODEL, input="What's the weather in Rome?", tools=[WEATHER], temperature=0, max_output_tokens=60,
               tool_choice={"type": "function", "name": "get_weather"})

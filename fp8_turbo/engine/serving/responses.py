@@ -33,7 +33,7 @@ from fp8_turbo.engine.sampling.params import SamplingParams
 from fp8_turbo.engine.serving.metrics import RequestTiming
 from fp8_turbo.engine.serving.protocol import APIError, ResponsesRequest, chat_logprobs, usage
 from fp8_turbo.engine.serving.request_context import server_error
-from fp8_turbo.engine.serving.response_store import ResponseStore
+from fp8_turbo.engine.serving.response_store import ResponseStore, StoredResponse
 from fp8_turbo.engine.serving.responses_input import chat_request, check_fields, responses_error
 from fp8_turbo.engine.serving.structure import Structure, chat_structure, may_be_tool_call
 from fp8_turbo.tokenizer.tool_calls import ToolCall
@@ -241,7 +241,7 @@ class ResponsesAPI:
         self.store.delete(stored.body["id"])
         return JSONResponse({"id": stored.body["id"], "object": "response.deleted", "deleted": True})
 
-    def _stored(self, request: Request):
+    def _stored(self, request: Request) -> StoredResponse:
         response_id = request.path_params["response_id"]
         stored = self.store.get(response_id)
         if stored is None:

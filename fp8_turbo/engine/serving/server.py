@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: chat and text completions (streaming too), models, health, metrics.
+"""The OpenAI-compatible HTTP server: chat and text completions (streaming too), models, health, metrics;
+the Responses API (responses.py) and /tokenize (tokenization.py) register their routes here.
 
 One AsyncLLMEngine (one engine loop, continuous batching) serves every connection. A handler turns the
 body into token ids and SamplingParams (tokenizing in a worker thread, off the event loop), checks
