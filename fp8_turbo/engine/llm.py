@@ -20,15 +20,20 @@ class LLM:
     `model` is "smollm2-135m-instruct" (embedded), an HF checkpoint directory or a .gguf file.
     `tensor_parallel_size=N` shards the model over N processes (this one and N-1 spawned workers; on
     CUDA one GPU each): scripts that create one need the `if __name__ == "__main__":` guard of spawn.
+    `speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
+    "prompt_lookup_min": 2}` turns on exact speculative decoding (drafts from n-gram matches in the
+    prompt and output, and a structured output's forced tokens): the same tokens and logprobs, in
+    fewer steps when the output copies (fp8_turbo/engine/core/spec_decode.py).
     Extra keyword arguments go to `EngineConfig` (block_size, max_num_seqs, kv_cache_memory_bytes, ...).
     """
 
     def __init__(self, model: str, *, quantization: str | None = None, kv_cache_dtype: str = "auto",
                  device: str = "auto", dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 tensor_parallel_size: int = 1, **engine_options):
+                 tensor_parallel_size: int = 1, speculative_config: dict | str | None = None, **engine_options):
         config = EngineConfig(model=model, quantization=quantization, kv_cache_dtype=kv_cache_dtype, device=device,
                               dtype=dtype, max_model_len=max_model_len, seed=seed,
-                              tensor_parallel_size=tensor_parallel_size, **engine_options)
+                              tensor_parallel_size=tensor_parallel_size, speculative_config=speculative_config,
+                              **engine_options)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 

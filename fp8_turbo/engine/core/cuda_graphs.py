@@ -71,9 +71,12 @@ class CudaGraphRunner:
     # ---- bookkeeping (no GPU needed) ----------------------------------------------------------------
     def can_run(self, batch: list[ScheduledSeq]) -> bool:
         """Pure decode (one token per sequence, each sampled, no prompt logprobs) within the largest bucket
-        and the captured length (longer sequences run eagerly, as vLLM's max_seq_len_to_capture)."""
+        and the captured length (longer sequences run eagerly, as vLLM's max_seq_len_to_capture).
+        A step verifying speculative drafts (1 + k tokens for a sequence) runs eagerly: graphs are
+        captured for one-token decode shapes only."""
         return (len(batch) <= self.buckets[-1]
-                and all(i.num_new_tokens == 1 and i.completes and not i.seq.wants_prompt_logprobs()
+                and all(i.num_new_tokens == 1 and not i.draft_token_ids and i.completes
+                        and not i.seq.wants_prompt_logprobs()
                         and i.seq.num_computed_tokens < self.max_model_len
                         and len(i.seq.block_table) <= self.max_blocks for i in batch))
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8_turbo.engine.core.spec_decode import SpeculativeConfig
 from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES
 from fp8_turbo.engine.model.model import VOCAB_DTYPES
 
@@ -36,6 +37,9 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (vLLM's name)
     max_graph_batch_size: int = 256  # largest decode batch captured in a CUDA graph
     max_seq_len_to_capture: int = 8192  # longer sequences decode eagerly (vLLM's name)
+    # Speculative decoding (vLLM's name): {"method": "ngram", "num_speculative_tokens": 3, ...} (a dict,
+    # its JSON or a SpeculativeConfig; see fp8_turbo/engine/core/spec_decode.py); None: off.
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.quantization is None:
@@ -62,6 +66,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -133,6 +133,19 @@ class BlockManager:
         for _ in range(needed):
             seq.block_table.append(self._allocate_block())
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks beyond what the sequence's tokens need (speculative decoding allocated
+        them for drafts that were rejected). They hold no prefix-cache entry (only blocks full of
+        computed, accepted tokens are registered), so they go to the front of the free list, to be
+        reused before any cached block is evicted."""
+        keep = self.blocks_needed(seq.num_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            assert self.block_hash[block] is None and self.ref_counts[block] == 1, (block, self.ref_counts[block])
+            self.ref_counts[block] = 0
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)
+
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks (tail first, so its last blocks are evicted first)."""
         for block in reversed(seq.block_table):

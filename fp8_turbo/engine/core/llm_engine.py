@@ -2,6 +2,7 @@
 from a background task by the asyncio engine that serves streams.
 
 One step: schedule -> model forward -> sample -> append tokens, detokenize, check stops -> outputs.
+With speculative decoding (core/spec_decode.py) a sequence may keep several tokens in one step.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from fp8_turbo.engine.sampling.sampler import Sampler, SamplingRow, compute_logp
 from fp8_turbo.engine.sampling.structured import StructuredOutputs
 from fp8_turbo.engine.sampling.params import SamplingParams
 from fp8_turbo.engine.core.scheduler import ScheduledSeq, Scheduler
+from fp8_turbo.engine.core.spec_decode import Drafter, verification_rows
 from fp8_turbo.engine.core.sequence import Sequence
 from fp8_turbo.tokenizer import Tokenizer, load_tokenizer
 
@@ -98,8 +100,10 @@ class LLMEngine:
             kv_caches = allocate_kv_caches(cfg.num_layers, num_blocks, config.block_size, num_kv_heads, cfg.head_dim,
                                            self.kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        spec = config.speculative_config
+        self.drafter = Drafter(spec, self.max_model_len) if spec is not None else None
         self.scheduler = Scheduler(self.block_manager, max(config.max_num_batched_tokens, config.block_size),
-                                   config.max_num_seqs)
+                                   config.max_num_seqs, self.drafter)
         if self.workers is not None:
             self.runner = ParallelModelRunner(self.model, kv_caches, config.block_size, self.device, self.workers)
         else:
@@ -115,6 +119,7 @@ class LLMEngine:
                                             sorted(self.tokenizer.stop_token_ids))  # grammars, built on first use
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
+        self.num_steps = 0  # forward passes run by step()
         # Both capacities, so the effect of an FP8 cache is visible at start-up.
         self.kv_capacity_by_dtype = {
             str(dt).removeprefix("torch."): budget // kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, dt)
@@ -297,11 +302,13 @@ class LLMEngine:
         if not batch:
             return []
         step_logits = self.runner.run(batch.scheduled)
+        self.num_steps += 1
         self.num_computed_tokens_total += batch.num_tokens
 
         for item in batch.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
+            item.seq.num_computed_tokens += item.num_new_tokens  # accepted drafts are added below
+            if not item.draft_token_ids:
+                self.block_manager.cache_full_blocks(item.seq)
 
         for seq_id, (first, logits) in step_logits.prompt_logits.items():
             seq = next(i.seq for i in batch.scheduled if i.seq.seq_id == seq_id)
@@ -309,22 +316,31 @@ class LLMEngine:
 
         touched: dict[str, Request] = {}
         if step_logits.sample_seqs:
-            seqs = [item.seq for item in step_logits.sample_seqs]
-            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.seed,
-                                self._eos_ids(s.params), s.grammar) for s in seqs]
-            sampled = self.sampler(step_logits.sample_logits, rows)
+            rows: list[SamplingRow] = []
+            forks = []  # grammar copies of the verification rows
+            for item in step_logits.sample_seqs:
+                seq_rows, seq_forks = verification_rows(item.seq, item.draft_token_ids, self._eos_ids(item.seq.params))
+                rows += seq_rows
+                forks += seq_forks
+            try:
+                sampled = self.sampler(step_logits.sample_logits, rows)
+            finally:
+                for fork in forks:
+                    fork.close()
             token_ids = sampled.token_ids.tolist()
-            for seq, lp in zip(seqs, sampled.logprobs):
-                if lp is not None:
-                    seq.logprobs.append(logprob_dict([lp.token_id] + lp.top_ids, [lp.logprob] + lp.top_logprobs,
-                                                     [lp.rank] + list(range(1, len(lp.top_ids) + 1)), self.tokenizer))
             now = time.monotonic()
-            for seq, token in zip(seqs, token_ids):
+            first = 0  # the item's first row
+            for item in step_logits.sample_seqs:
+                seq, drafts = item.seq, item.draft_token_ids
                 request = self.requests[seq.request_id]
-                if seq.params.max_tokens == 0:  # prompt-only request (prompt logprobs, echo)
-                    self._finish(seq, "length", None)
-                else:
-                    self._append_token(request, seq, token)
+                accepted = self._keep_tokens(request, seq, drafts, token_ids, sampled.logprobs, first)
+                first += 1 + len(drafts)
+                if drafts:
+                    self.drafter.observe(seq, len(drafts), accepted)
+                    if not seq.is_finished:  # the accepted drafts' KV is the sequence's; the rest is dropped
+                        seq.num_computed_tokens += accepted
+                        self.block_manager.trim(seq)
+                        self.block_manager.cache_full_blocks(seq)
                 if seq.is_finished:
                     request.texts[seq.index].flush()
                 request.first_token_time = request.first_token_time or now
@@ -337,6 +353,27 @@ class LLMEngine:
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _keep_tokens(self, request: Request, seq: Sequence, drafts: list[int], token_ids: list[int],
+                     logprobs: list, first: int) -> int:
+        """Append the tokens sampled at rows first, first + 1, ... of one sequence: each row's token is
+        kept, and the next row considered, while it equals that position's draft (and the sequence has
+        not finished); the first that differs, or the one after the last draft, is kept and ends it.
+        Returns how many drafts were accepted."""
+        j = 0
+        while True:
+            token, lp = token_ids[first + j], logprobs[first + j]
+            if lp is not None:
+                seq.logprobs.append(logprob_dict([lp.token_id] + lp.top_ids, [lp.logprob] + lp.top_logprobs,
+                                                 [lp.rank] + list(range(1, len(lp.top_ids) + 1)), self.tokenizer))
+            if seq.params.max_tokens == 0:  # prompt-only request (prompt logprobs, echo)
+                self._finish(seq, "length", None)
+            else:
+                self._append_token(request, seq, token)
+            matched = j < len(drafts) and token == drafts[j]
+            if seq.is_finished or not matched:
+                return j + matched
+            j += 1
 
     def _eos_ids(self, params: SamplingParams) -> list[int]:
         return [] if params.ignore_eos else sorted(self.tokenizer.stop_token_ids)
@@ -365,6 +402,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.draft_state = None
         self.scheduler.finish(seq)
         if seq.grammar is not None:
             seq.grammar.close()

@@ -6,6 +6,10 @@ the host into one staging buffer (pinned on CUDA) and reach the device in one as
 device tensors are views into it. Bounds the kernels need (longest chunk, longest sequence) come from
 the host lists, so a step issues no device sync before the sampler reads its tokens. Decode batches
 replay a captured CUDA graph when a `CudaGraphRunner` is attached (fp8_turbo/engine/core/cuda_graphs.py).
+
+Speculative decoding changes only this bookkeeping, never the forward's contract: a sequence with
+draft tokens runs its last token and the drafts as one chunk (a chunked-prefill row of 1 + k tokens)
+and asks for logits at all 1 + k positions; `StepLogits` returns them as that sequence's sample rows.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ INT32_FIELDS = ("block_tables", "seq_lens", "cu_seqlens_q")
 class StepLogits:
     """Logits of one step, split by use.
 
-    sample_logits [S, V]: one row per sequence in `sample_seqs` (those that reached their last token).
+    sample_logits [R, V]: for each sequence in `sample_seqs` (those that reached their last token), in
+    order, 1 + len(draft_token_ids) rows: row 0 predicts the token after its last token, row j + 1 the
+    token after its draft j (speculative decoding; one row without drafts).
     prompt_logits: per sequence that wants prompt logprobs, (first prompt position the rows predict,
     logits [n, V]): row i holds the distribution of prompt token `first + i`.
     """
@@ -144,10 +150,13 @@ class ModelRunner:
         logits_indices: list[int] = []
         prompt_rows: list[tuple[int, int, int]] = []
         for b, item in enumerate(batch):
-            seq, n = item.seq, item.num_new_tokens
+            seq, n, drafts = item.seq, item.num_new_tokens, item.draft_token_ids
+            assert not drafts or item.completes, f"drafts follow a sequence's last token: {item}"
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_slice(start, start + n))
-            pos = range(start, start + n)
+            input_ids.extend(drafts)
+            total = n + len(drafts)
+            pos = range(start, start + total)
             positions.extend(pos)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
@@ -159,12 +168,12 @@ class ModelRunner:
                 if hi > lo:
                     prompt_rows.append((b, lo + 1, hi - lo))
                     logits_indices.extend(cu[-1] + (p - start) for p in range(lo, hi))
-            if item.completes:
-                logits_indices.append(cu[-1] + n - 1)
-            cu.append(cu[-1] + n)
-            seq_lens.append(start + n)
+            if item.completes:  # the last token's row, then one per draft
+                logits_indices.extend(range(cu[-1] + n - 1, cu[-1] + total))
+            cu.append(cu[-1] + total)
+            seq_lens.append(start + total)
         return HostStep(input_ids, positions, slots, logits_indices, [list(i.seq.block_table) for i in batch],
-                        seq_lens, cu, max(i.num_new_tokens for i in batch), max(seq_lens), prompt_rows)
+                        seq_lens, cu, max(i.num_scheduled_tokens for i in batch), max(seq_lens), prompt_rows)
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata, list[tuple[int, int, int]]]:
         """Input ids [T], metadata, and for each sequence wanting prompt logprobs (seq position in batch,
@@ -197,9 +206,10 @@ class ModelRunner:
                 prompt_logits[item.seq.seq_id] = (first, logits[row:row + count])
                 row += count
             if item.completes:
-                sample_rows.append(row)
+                count = 1 + len(item.draft_token_ids)
+                sample_rows.extend(range(row, row + count))
                 sample_seqs.append(item)
-                row += 1
+                row += count
         return StepLogits(sample_seqs, _rows(logits, sample_rows), prompt_logits)
 
 

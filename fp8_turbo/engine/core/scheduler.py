@@ -13,6 +13,10 @@ Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max
 3. Budget left over tops up the prefill chunks of step 1 and 2, in the same order; alone, a long
    prompt still gets the whole budget.
 
+Speculative decoding (a `Drafter`, core/spec_decode.py): after steps 1 and 2, each decoding sequence
+also gets the drafts the drafter proposes, as far as the budget and the free blocks left allow (drafts
+never preempt or keep a sequence out), and computes its last token plus the drafts as one chunk.
+
 Sequences keep the slots and blocks they hold (fairness never preempts). When the cache runs out of
 blocks the newest running sequence is preempted: its blocks are freed and it goes back to the front
 of the rotation to be recomputed (its cached prefix blocks usually survive, so that is often a cache
@@ -26,20 +30,32 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fp8_turbo.engine.core.kv_cache import BlockManager
 from fp8_turbo.engine.core.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from fp8_turbo.engine.core.spec_decode import Drafter
 
 
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # the sequence's own tokens computed this step (drafts not included)
+    # Speculative drafts computed after the sequence's last token (only when the chunk completes):
+    # the step verifies them and keeps those that match what is sampled (core/spec_decode.py).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
         """True when this chunk reaches the sequence's last token, so a new token is sampled."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens this sequence runs through the model this step, drafts included."""
+        return self.num_new_tokens + len(self.draft_token_ids)
 
 
 @dataclass(slots=True)
@@ -49,7 +65,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_scheduled_tokens for s in self.scheduled)
 
     def __bool__(self) -> bool:
         return bool(self.scheduled)
@@ -113,9 +129,11 @@ class WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
+                 drafter: Drafter | None = None):
         assert max_num_batched_tokens > 0 and max_num_seqs > 0, (max_num_batched_tokens, max_num_seqs)
         self.block_manager = block_manager
+        self.drafter = drafter
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.long_prefill_tokens = max(1, max_num_batched_tokens // 4)
@@ -175,6 +193,18 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
 
+        # Speculative drafts for the decoding sequences, from what the budget and the free blocks leave
+        # (so drafts never cost another sequence its place); none in a step that had to preempt.
+        if self.drafter is not None and not out.preempted:
+            for item in out.scheduled:
+                if budget <= 0:
+                    break
+                drafts = self._drafts(item, budget)
+                if drafts:
+                    bm.allocate(item.seq, 1 + len(drafts))
+                    item.draft_token_ids = drafts
+                    budget -= len(drafts)
+
         # 3. Top up prefill chunks with what is left, in the same order (never preempting for it).
         for item in out.scheduled:
             if budget <= 0:
@@ -185,6 +215,17 @@ class Scheduler:
                 bm.allocate(item.seq, item.num_new_tokens)
                 budget -= extra
         return out
+
+    def _drafts(self, item: ScheduledSeq, room: int) -> list[int]:
+        """At most `room` drafts for a decoding sequence (its one uncomputed token is scheduled), if
+        their blocks are free; [] otherwise."""
+        seq = item.seq
+        if item.num_new_tokens != 1 or seq.num_uncomputed_tokens != 1:
+            return []
+        drafts = self.drafter.propose(seq, room)
+        while drafts and not self.block_manager.can_allocate(seq, 1 + len(drafts)):
+            drafts.pop()
+        return drafts
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 from fp8_turbo.engine.sampling.params import SamplingParams
 from fp8_turbo.engine.sampling.structured import GrammarMatcher
@@ -34,6 +35,7 @@ class Sequence:
         # A seeded request's sequence i draws with key seed + i (fp8_turbo/engine/sampling/philox.py).
         self.seed = params.seed + index if params.seed is not None else None
         self.grammar: GrammarMatcher | None = None  # structured outputs: advanced by every kept token
+        self.draft_state: Any = None  # speculative decoding's per-sequence DraftState (core/spec_decode.py)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0

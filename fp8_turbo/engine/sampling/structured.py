@@ -11,6 +11,8 @@ xgrammar ignores them, so an accepted schema is one every finished output satisf
   unsupported spec raises `GrammarError` naming the field and the problem.
 - `Grammar.matcher()` -> `GrammarMatcher`, one per sequence: `accept(token)` on every token the
   sequence keeps; `finished` once nothing but EOS may follow; `close()` when the sequence ends.
+  For speculative decoding: `forced_tokens()` (jump-forward drafts), `valid_prefix(drafts)`, and
+  `fork(token)`, a copy one draft ahead whose mask verifies the next position.
 - `fill_bitmask(matchers)` then `apply_bitmask(logits, positions, bitmask)` in the sampler: one
   bitmask row per constrained row (llguidance's executor fills them in parallel), added to those
   rows only as 0 / -inf.
@@ -55,6 +57,25 @@ class GrammarMatcher:
     def accept(self, token_id: int) -> bool:
         """Advance by one token; False if the grammar does not allow it (the matcher is then dead)."""
         return self._matcher.consume_token(token_id)
+
+    def forced_tokens(self) -> list[int]:
+        """The tokens the grammar forces next (llguidance's fast-forward tokens: a tokenization of the
+        bytes every continuation starts with); [] when the next token is free. Changes nothing."""
+        return self._matcher.compute_ff_tokens()
+
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of `token_ids`, in order, the grammar allows from here. Changes nothing."""
+        return self._matcher.validate_tokens(token_ids)
+
+    def fork(self, token_id: int) -> "GrammarMatcher":
+        """A copy advanced by one token the grammar allows (speculative decoding's state after a
+        draft); this matcher does not move. Close the copy when done."""
+        copy = GrammarMatcher(self._matcher.deep_copy(), self._owner)
+        if not copy.accept(token_id):
+            error = copy.error
+            copy.close()
+            raise ValueError(f"the grammar does not allow token {token_id} here: {error}")
+        return copy
 
     @property
     def finished(self) -> bool:
