@@ -30,6 +30,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache budget per rank, e.g. 256MiB, 2GB or bytes (default: 1 GiB on CPU, the memory plan on CUDA)")
     p.add_argument("--lm-head-dtype", default="auto", choices=("auto", *VOCAB_DTYPES),
                    help="how the embedding and a high-precision lm_head are stored (auto: bfloat16 for FP8 on CPU)")
+    p.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help="exact speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
+                        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (default: off)")
+
+
+def speculative_config(text: str):
+    """--speculative-config's JSON -> SpeculativeConfig (argparse type; a bad value is a usage error)."""
+    from fp8_turbo.engine.core.spec_decode import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -63,7 +76,8 @@ def _make_llm(args):
     return LLM(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
                enforce_eager=args.enforce_eager, deterministic=args.deterministic,
-               kv_cache_memory_bytes=args.kv_cache_memory, lm_head_dtype=args.lm_head_dtype)
+               kv_cache_memory_bytes=args.kv_cache_memory, lm_head_dtype=args.lm_head_dtype,
+               speculative_config=args.speculative_config)
 
 
 def _params(args):
@@ -210,7 +224,7 @@ def cmd_export_tokenizer(args) -> int:
     return 0
 
 
-BENCHMARKS = ("generate", "throughput", "serve", "gemm", "attention", "sampler", "accuracy", "tp")
+BENCHMARKS = ("generate", "throughput", "serve", "gemm", "attention", "sampler", "accuracy", "tp", "speculative")
 
 
 def cmd_bench(args) -> int:

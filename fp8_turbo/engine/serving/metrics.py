@@ -83,6 +83,19 @@ class ServerMetrics:
                [("", stats.prefix_cache_queries)])
         metric("prefix_cache_hits_total", "counter", "Prompt blocks found in the prefix cache.",
                [("", stats.prefix_cache_hits)])
+        drafter = engine.drafter
+        if drafter is not None:  # speculative decoding (vLLM's metric names, our prefix)
+            metric("spec_decode_num_drafts_total", "counter", "Sequence steps that verified speculative drafts.",
+                   [("", drafter.num_drafts)])
+            metric("spec_decode_num_draft_tokens_total", "counter", "Draft tokens verified.",
+                   [("", drafter.num_draft_tokens)])
+            metric("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted (kept as output).",
+                   [("", drafter.num_accepted_tokens)])
+            metric("spec_decode_num_accepted_tokens_per_pos_total", "counter",
+                   "Accepted draft tokens by position in the draft (0 = first).",
+                   [(f'{{position="{j}"}}', n) for j, n in enumerate(drafter.accepted_per_position)])
+            metric("spec_decode_acceptance_rate", "gauge", "Accepted / drafted tokens since start.",
+                   [("", drafter.acceptance_rate)])
         for hist in (self.ttft, self.itl, self.e2e):
             lines.extend(hist.render())
         return "\n".join(lines) + "\n"

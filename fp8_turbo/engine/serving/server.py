@@ -562,7 +562,8 @@ def run_server(args: argparse.Namespace) -> int:
                           enforce_eager=getattr(args, "enforce_eager", False),
                           deterministic=getattr(args, "deterministic", False),
                           kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
-                          lm_head_dtype=getattr(args, "lm_head_dtype", "auto"))
+                          lm_head_dtype=getattr(args, "lm_head_dtype", "auto"),
+                          speculative_config=getattr(args, "speculative_config", None))
     engine = LLMEngine(config)
     if not check_engine(engine):
         engine.shutdown()
