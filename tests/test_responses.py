@@ -87,7 +87,7 @@ def test_create_is_the_chat_completion_of_the_same_messages(client):
 
 
 def test_stream_sends_the_events_the_sdk_consumes(client):
-    kw = dict(model=MODEL, input="Say hello to the sea.", temperature=0, max_output_tokens=60)
+    kw = dict(model=MODEL, input="Say hello to the sea.", temperature=0, max_output_tokens=200)
     with client.responses.stream(**kw) as stream:
         events = list(stream)
         final = stream.get_final_response()
@@ -143,14 +143,14 @@ def test_max_output_tokens_reached_is_incomplete(client):
 
 def test_parse_and_json_formats(client):
     p = client.responses.parse(model=MODEL, input="Describe Paris.", text_format=City, temperature=0,
-                               max_output_tokens=60)
+                               max_output_tokens=100)
     assert p.status == "completed" and isinstance(p.output_parsed, City)
     with client.responses.stream(model=MODEL, input="Describe Rome.", text_format=City, temperature=0.7,
-                                 max_output_tokens=60, extra_body={"seed": 1}) as stream:
+                                 max_output_tokens=100, extra_body={"seed": 1}) as stream:
         streamed = stream.get_final_response()
     assert isinstance(streamed.output_parsed, City)
     any_object = client.responses.create(model=MODEL, input="List three colours as JSON.", temperature=0,
-                                         max_output_tokens=60, text={"format": {"type": "json_object"}})
+                                         max_output_tokens=120, text={"format": {"type": "json_object"}})
     assert isinstance(json.loads(any_object.output_text), dict)
     assert any_object.text.format.type == "json_object"
 
@@ -167,11 +167,11 @@ def test_function_tool_round_trip(client):
     step is the chat completion of the same conversation."""
     question = "What's the weather in Paris?"
     first = client.responses.create(model=MODEL, input=question, tools=[WEATHER], tool_choice="required",
-                                    temperature=0, max_output_tokens=60)
+                                    temperature=0, max_output_tokens=100)
     [call] = first.output
     check_weather_call(call)
     chat, _ = chat_text(client, [{"role": "user", "content": question}], tools=[CHAT_WEATHER],
-                        tool_choice="required", max_tokens=60)
+                        tool_choice="required", max_tokens=100)
     assert (call.name, call.arguments) == (chat.message.tool_calls[0].function.name,
                                            chat.message.tool_calls[0].function.arguments)
 
@@ -206,7 +206,7 @@ def test_multi_turn_by_items_and_by_previous_response_id(client):
 
 
 def test_streamed_function_call_events(client):
-    kw = dict(model=MODEL, input="What's the weather in Rome?", tools=[WEATHER], temperature=0, max_output_tokens=60,
+    kw = dict(model=MODEL, input="What's the weather in Rome?", tools=[WEATHER], temperature=0, max_output_tokens=100,
               tool_choice={"type": "function", "name": "get_weather"})
     with client.responses.stream(**kw) as stream:
         events = list(stream)
@@ -224,7 +224,7 @@ def test_streamed_function_call_events(client):
 
 
 def test_pydantic_tool_with_nested_models_under_required(client):
-    r = client.responses.parse(model=MODEL, input="Plan a trip from Rome.", temperature=0, max_output_tokens=120,
+    r = client.responses.parse(model=MODEL, input="Plan a trip from Rome.", temperature=0, max_output_tokens=250,
                                tools=[openai.pydantic_responses_function_tool(Trip)], tool_choice="required",
                                parallel_tool_calls=False)
     [call] = r.output
@@ -286,7 +286,8 @@ NOT_ENFORCEABLE = {"type": "object", "properties": {"a": {"type": "string"}}, "n
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": NOT_ENFORCEABLE}}}, "text.format.schema",
      'Unimplemented keys: ["not"]'),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "is required"),
-    ({"tools": [WEATHER, {"type": "function", "name": "odd", "parameters": NOT_ENFORCEABLE}], "tool_choice": "required"},
+    ({"tools": [WEATHER, {"type": "function", "name": "odd", "parameters": NOT_ENFORCEABLE}],
+      "tool_choice": "required"},
      "tools[1].parameters", "'odd'"),
     ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice", "not among the tools"),
 ])
@@ -302,7 +303,8 @@ def test_tokenize_detokenize_round_trip(smol):
     """vLLM's /tokenize and /detokenize on a byte-level BPE: any text comes back exactly."""
     text = "Grüße aus Köln 🤗 — naïve café, 東京\n\ttabs  and  spaces"
     r = httpx.post(f"{smol.url}/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True}).json()
-    assert r["count"] == len(r["tokens"]) == len(r["token_strs"]) > 10 and r["max_model_len"] == smol.engine.max_model_len
+    assert r["count"] == len(r["tokens"]) == len(r["token_strs"]) > 10
+    assert r["max_model_len"] == smol.engine.max_model_len
     assert r["tokens"] == smol.engine.tokenizer.encode(text)
     back = httpx.post(f"{smol.url}/detokenize", json={"model": MODEL, "tokens": r["tokens"]}).json()
     assert back == {"prompt": text}

@@ -123,7 +123,7 @@ def ask(text: str) -> list[dict]:
 def test_nested_models_under_required(client):
     """pydantic_function_tool with nested models ($defs City) under required: the SDK's .parse() gives a Trip."""
     r = client.chat.completions.parse(model=MODEL, messages=ask("Plan a trip from Rome."), temperature=0,
-                                      max_tokens=120, tools=[openai.pydantic_function_tool(Trip)],
+                                      max_tokens=250, tools=[openai.pydantic_function_tool(Trip)],
                                       tool_choice="required", parallel_tool_calls=False)
     assert r.choices[0].finish_reason == "tool_calls"
     [call] = r.choices[0].message.tool_calls
@@ -142,7 +142,8 @@ def test_recursive_model_under_named(smol, client):
     assert text.count('"children": [{"value": ') >= 4, text
 
     from fp8_turbo.engine.sampling.params import StructuredOutputsParams
-    tree = {"value": 1, "children": [{"value": 2, "children": [{"value": 3, "children": [{"value": 4, "children": []}]}]}]}
+    leaf = {"value": 4, "children": []}
+    tree = {"value": 1, "children": [{"value": 2, "children": [{"value": 3, "children": [leaf]}]}]}
     schema = call_schema([function(Node), function(Trip)])
     tokenizer = smol.engine.tokenizer
     for parameters, valid in ((tree, True), ({**tree, "children": [{"value": 2, "children": [{"value": 10}]}]}, False)):
@@ -159,7 +160,7 @@ def test_any_of_objects_under_required(client):
     models = {"Adopt": Adopt, "Trip": Trip}
     for seed in range(3):
         r = client.chat.completions.create(model=MODEL, messages=ask("I want a pet."), temperature=1.0, seed=seed,
-                                           max_tokens=150, tools=tools, tool_choice="required")
+                                           max_tokens=250, tools=tools, tool_choice="required")
         assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
         for call in r.choices[0].message.tool_calls:
             models[call.function.name].model_validate_json(call.function.arguments)

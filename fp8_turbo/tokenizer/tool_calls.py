@@ -47,9 +47,9 @@ def call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
     for i, function in enumerate(functions):
         parameters = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
         base = "/properties/parameters" if len(functions) == 1 else f"/anyOf/{i}/properties/parameters"
-        options.append({"type": "object",
-                        "properties": {"name": {"const": function["name"]}, "parameters": relocate_refs(parameters, base)},
-                        "required": ["name", "parameters"], "additionalProperties": False})
+        properties = {"name": {"const": function["name"]}, "parameters": relocate_refs(parameters, base)}
+        options.append({"type": "object", "properties": properties, "required": ["name", "parameters"],
+                        "additionalProperties": False})
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 

@@ -46,7 +46,8 @@ def check_fields(req: ResponsesRequest) -> None:
     extra = req.model_extra or {}
     for name, why in UNSUPPORTED_FIELDS.items():
         if extra.get(name) not in (None, False, {}, []):
-            raise APIError(400, f"{name} is not supported by this server: {why}", param=name, code="unsupported_parameter")
+            raise APIError(400, f"{name} is not supported by this server: {why}", param=name,
+                           code="unsupported_parameter")
     for name, instead in CHAT_FIELDS.items():
         if extra.get(name) is not None or (name == "max_tokens" and req.max_tokens is not None):
             raise APIError(400, f"{name} is not a Responses API field: use {instead}", param=name,
@@ -69,7 +70,8 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[
     """The chat request that answers `req` after the `history` of previous_response_id (chat messages),
     and the conversation without instructions (what the store keeps for the next turn)."""
     conversation = history + input_messages(req.input, history)
-    messages = ([{"role": "system", "content": req.instructions}] if req.instructions is not None else []) + conversation
+    system = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    messages = system + conversation
     chat = ChatCompletionRequest.model_construct(
         messages=messages, tools=chat_tools(req.tools), tool_choice=chat_tool_choice(req.tool_choice),
         parallel_tool_calls=req.parallel_tool_calls, response_format=response_format(req),
@@ -133,9 +135,11 @@ def _text(content: Any, where: str) -> str:
         key = _TEXT_PARTS.get(kind)
         if key is None:
             raise APIError(400, f"{where}[{j}]: type {kind!r:.40} is not supported: this model reads text "
-                                f"({', '.join(_TEXT_PARTS)} parts)", param=f"{where}[{j}].type", code="unsupported_value")
+                                f"({', '.join(_TEXT_PARTS)} parts)", param=f"{where}[{j}].type",
+                           code="unsupported_value")
         if not isinstance(part.get(key), str):
-            raise APIError(400, f"{where}[{j}].{key} must be a string", param=f"{where}[{j}].{key}", code="invalid_value")
+            raise APIError(400, f"{where}[{j}].{key} must be a string", param=f"{where}[{j}].{key}",
+                           code="invalid_value")
         texts.append(part[key])
     return "".join(texts)
 
