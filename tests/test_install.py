@@ -35,7 +35,13 @@ GOLDEN = " the primary colors of the RGB color model: red, blue, and green. Thes
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 
 
+# The throwaway venv must see only what is installed in it: no PYTHONPATH (a checkout on it, with the
+# egg-info a wheel build leaves there, would count as an installed fp8-turbo and pip would skip the wheel).
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FP8_TURBO_CACHE")}
+
+
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", CLEAN_ENV)
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
@@ -63,7 +69,7 @@ def venv(tmp_path_factory) -> Path:
 @pytest.fixture
 def user_env(tmp_path) -> dict:
     """A user's environment: a fresh cache directory, the working directory outside the checkout, no PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FP8_TURBO_CACHE")}
+    env = dict(CLEAN_ENV)
     env |= {"XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     return env
 
