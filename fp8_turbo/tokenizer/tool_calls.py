@@ -127,7 +127,7 @@ def _json_values(body: str) -> list[Any] | None:
     while True:
         try:
             value, pos = decoder.raw_decode(body, pos)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nested too deep
             return None
         values.append(value)
         end = pos
@@ -160,8 +160,13 @@ def _as_call(obj: Any) -> ToolCall | None:
     if isinstance(arguments, str):  # already a JSON string
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False))
+    try:
+        text = json.dumps(arguments, ensure_ascii=False)
+        (name + text).encode("utf-8")  # a "\ud800" escape decodes to a lone surrogate: no call, the text stays content
+    except (ValueError, RecursionError):  # (UnicodeEncodeError is a ValueError)
+        return None
+    return ToolCall(name=name, arguments=text)

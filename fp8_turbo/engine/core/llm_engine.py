@@ -383,8 +383,13 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         text = request.texts[seq.index]
         if seq.grammar is not None and not seq.grammar.accept(token):
-            logger.error("request %s: the grammar rejected token %d: %s", seq.request_id, token, seq.grammar.error)
-            self._finish(seq, "abort", None)
+            # The grammar failed (a limit reached at this step) or refused the token: the sequence ends
+            # with finish_reason "error" and says why, never as a quiet "stop".
+            grammar, n = seq.grammar, len(seq.output_token_ids) - 1
+            seq.error = f"the grammar failed after {n} tokens: {grammar.error or f'token {token} was refused'}"
+            logger.error("request %s choice %d: %s (%s)", seq.request_id, seq.index, seq.error,
+                         grammar.grammar.excerpt if grammar.grammar is not None else "?")
+            self._finish(seq, "error", None)
             return
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.stop_token_ids):
             if len(seq.output_token_ids) >= params.min_tokens:

@@ -18,8 +18,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    error: str | None = None  # what went wrong, with finish_reason "error" (a structured output's grammar failed)
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -90,6 +90,7 @@ class Request:
                 logprobs=list(logprobs) if logprobs is not None else None,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
+                error=seq.error,
             ))
         prompt_logprobs = None
         if self.params.prompt_logprobs is not None:

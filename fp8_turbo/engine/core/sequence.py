@@ -43,6 +43,7 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # why it ended, when finish_reason is "error"
         self.logprobs: list[dict] = []  # one dict per output token, when params.logprobs is set
         self.prompt_logprobs: list[dict | None] = []  # one entry per prompt token, first is None
 

@@ -41,6 +41,9 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     # Derived in __post_init__: (kind, text), what a compiled grammar is cached under.
     key: tuple[str, str] = field(init=False, repr=False, compare=False)
+    # Set by StructuredOutputs.compile: the compiled grammar, so a request holding these params never
+    # compiles twice (its grammar may have left the cache between the server's check and the engine).
+    compiled: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         kinds = [k for k in _STRUCTURE_KINDS if getattr(self, k) not in (None, False)]

@@ -7,15 +7,28 @@ and refuses the JSON Schema keywords it cannot enforce ("Unimplemented keys: [\"
 xgrammar ignores them, so an accepted schema is one every finished output satisfies.
 
 - `StructuredOutputs`, one per engine: the llguidance tokenizer over the model's vocabulary (built on
-  first use, ~1 s), and `compile(params)` -> `Grammar`, cached by the spec text (LRU). An invalid or
-  unsupported spec raises `GrammarError` naming the field and the problem.
+  first use, ~1 s), and `compile(params)` -> `Grammar`, cached by the spec text (grammar_cache.py:
+  LRU, bounded in entries and in bytes, built on a thread with a deep stack). `compile` also
+  computes the grammar's first mask, so a grammar past the engine's limits there (a 2,500-item
+  `choice`, `a{1000000}`) is refused at once. An invalid, unsupported or too long spec raises
+  `GrammarError` naming the field and the problem; the params keep the compiled grammar, so a
+  request never compiles twice.
 - `Grammar.matcher()` -> `GrammarMatcher`, one per sequence: `accept(token)` on every token the
-  sequence keeps; `finished` once nothing but EOS may follow; `close()` when the sequence ends.
+  sequence keeps (False once the grammar fails: a limit reached later, at a step; the engine then
+  ends that sequence with finish_reason "error" and `error`); `finished` once nothing but EOS may
+  follow; `close()` when the sequence ends.
   For speculative decoding: `forced_tokens()` (jump-forward drafts), `valid_prefix(drafts)`, and
   `fork(token)`, a copy one draft ahead whose mask verifies the next position.
 - `fill_bitmask(matchers)` then `apply_bitmask(logits, positions, bitmask)` in the sampler: one
   bitmask row per constrained row (llguidance's executor fills them in parallel), added to those
   rows only as 0 / -inf.
+
+Errors carry llguidance's message without its state dump and grammar (`verbose_errors` off; a log
+line holds the message and at most `EXCERPT_CHARS` of the grammar). The lexer states a grammar
+builds while generating (shared by its matchers, ~560 bytes each on SmolLM2's vocabulary) are
+capped at MAX_LEXER_STATES per grammar (realistic schemas, Lark and regexes use well under 1,000
+over thousands of random steps); a grammar that reaches the cap fails that sequence and leaves the
+cache, so a rebuilt copy starts small.
 
 The engine's stop tokens are llguidance's EOS: the mask allows them only where the grammar may end.
 llguidance is imported on the first request that asks for structure, so the engine runs without it.
@@ -24,17 +37,39 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from fp8_turbo.engine.sampling.grammar_cache import GrammarCache, GrammarThread, allocated_bytes, grammar_bytes
 from fp8_turbo.engine.sampling.params import StructuredOutputsParams
 
 # JSON in one line, with the separators models write (and json.dumps): no free whitespace, which
 # small models can fill forever.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_CACHE_SIZE = 256  # compiled grammars kept (each holds a template matcher)
+DEFAULT_CACHE_BYTES = 64 << 20  # compiled grammars kept, by their measured size (grammar_cache.py) ...
+DEFAULT_CACHE_ENTRIES = 256  # ... and by count
+DEFAULT_MAX_GRAMMAR_CHARS = 256 << 10  # longest grammar text (a schema as JSON, a regex, Lark, choices as JSON)
+MAX_LEXER_STATES = 20_000  # per grammar: ~11 MB at most (llguidance's default, 250,000, is ~140 MB)
+ERROR_LINES, ERROR_LINE_CHARS = 5, 110  # of an llguidance error message (a regex error quotes the regex)
+EXCERPT_CHARS = 120  # of a grammar, in a log line
+
+
+def short_error(message: str) -> str:
+    """llguidance's message without a state dump: at most ERROR_LINES lines (the first one and those that
+    say "error" first: a regex error quotes the regex and the grammar line) of at most ERROR_LINE_CHARS."""
+    lines = [line.rstrip() for line in message.split("<state>", 1)[0].strip().splitlines() if line.strip()]
+    order = sorted(range(len(lines)), key=lambda i: (i > 0, "error" not in lines[i].lower(), i))
+    keep = sorted(order[:ERROR_LINES])
+    return "\n".join(line if len(line) <= ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS - 3] + "..."
+                     for line in (lines[i] for i in keep))
+
+
+def excerpt(text: str) -> str:
+    """A grammar's text for a log line: its start, and its length when cut."""
+    if len(text) <= EXCERPT_CHARS:
+        return repr(text)
+    return f"{text[:EXCERPT_CHARS]!r}... ({len(text)} characters)"
 
 
 class GrammarError(ValueError):
@@ -48,15 +83,20 @@ class GrammarError(ValueError):
 class GrammarMatcher:
     """Where one sequence stands in its grammar."""
 
-    __slots__ = ("_matcher", "_owner")
+    __slots__ = ("_matcher", "_owner", "grammar")
 
-    def __init__(self, matcher: Any, owner: "StructuredOutputs"):
-        self._matcher, self._owner = matcher, owner
+    def __init__(self, matcher: Any, owner: "StructuredOutputs", grammar: "Grammar | None" = None):
+        self._matcher, self._owner, self.grammar = matcher, owner, grammar
         owner.num_matchers += 1
 
     def accept(self, token_id: int) -> bool:
-        """Advance by one token; False if the grammar does not allow it (the matcher is then dead)."""
-        return self._matcher.consume_token(token_id)
+        """Advance by one token; False if the grammar does not allow it or failed (a limit reached at this
+        step or when its mask was computed): the matcher is then dead, and `error` says why."""
+        if self._matcher.consume_token(token_id):
+            return True
+        if self.grammar is not None:  # its shared lexer may be at a limit: the next request builds afresh
+            self._owner.forget(self.grammar)
+        return False
 
     def forced_tokens(self) -> list[int]:
         """The tokens the grammar forces next (llguidance's fast-forward tokens: a tokenization of the
@@ -84,7 +124,8 @@ class GrammarMatcher:
 
     @property
     def error(self) -> str:
-        return self._matcher.get_error()
+        """Why the matcher failed (short_error), or ""."""
+        return short_error(self._matcher.get_error())
 
     def close(self) -> None:
         if self._matcher is not None:
@@ -93,13 +134,18 @@ class GrammarMatcher:
 
 
 class Grammar:
-    """A compiled spec: a template matcher in the start state, copied for each sequence."""
+    """A compiled spec: a template matcher in the start state, copied for each sequence; `nbytes` is
+    what it counts for in the cache."""
 
-    def __init__(self, key: tuple[str, str], template: Any, owner: "StructuredOutputs"):
-        self.key, self._template, self._owner = key, template, owner
+    def __init__(self, key: tuple[str, str], template: Any, owner: "StructuredOutputs", nbytes: int = 0):
+        self.key, self._template, self._owner, self.nbytes = key, template, owner, nbytes
+
+    @property
+    def excerpt(self) -> str:
+        return f"{self.key[0]} {excerpt(self.key[1])}"
 
     def matcher(self) -> GrammarMatcher:
-        return GrammarMatcher(self._template.deep_copy(), self._owner)
+        return GrammarMatcher(self._template.deep_copy(), self._owner, self)
 
 
 class StructuredOutputs:
@@ -107,49 +153,93 @@ class StructuredOutputs:
 
     hf_tokenizer: a transformers fast tokenizer; vocab_size: the width of the model's logits (may
     exceed the tokenizer's); stop_token_ids: the tokens that end a sequence (EOS, end of turn).
+    cache_bytes / cache_entries bound the compiled grammars kept; max_grammar_chars the text of one.
     """
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int], *,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_entries: int = DEFAULT_CACHE_ENTRIES,
+                 max_grammar_chars: int = DEFAULT_MAX_GRAMMAR_CHARS):
         self._hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self._llg: Any = None
         self._tokenizer: Any = None
+        self._limits: Any = None
         self.executor: Any = None
-        self._cache: OrderedDict[tuple[str, str], Grammar] = OrderedDict()
+        self.cache = GrammarCache(cache_bytes, cache_entries)
+        self.max_grammar_chars = max_grammar_chars
         self._lock = threading.Lock()
+        self._thread = GrammarThread()
         self.num_matchers = 0  # live GrammarMatchers: every sequence's is closed when it ends
         self.num_compiled = 0  # grammars compiled (cache misses)
 
-    def compile(self, params: StructuredOutputsParams) -> Grammar:
+    def set_limits(self, *, cache_bytes: int | None = None, cache_entries: int | None = None,
+                   max_grammar_chars: int | None = None) -> None:
+        """Change the bounds (a server's flags); the cache shrinks at once if it must."""
         with self._lock:
-            grammar = self._cache.get(params.key)
-            if grammar is not None:
-                self._cache.move_to_end(params.key)
-                return grammar
-            self._load()
-            grammar = Grammar(params.key, self._template(params), self)
-            self.num_compiled += 1
-            self._cache[params.key] = grammar
-            if len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if cache_bytes is not None:
+                self.cache.max_bytes = cache_bytes
+            if cache_entries is not None:
+                self.cache.max_entries = cache_entries
+            if max_grammar_chars is not None:
+                self.max_grammar_chars = max_grammar_chars
+            self.cache.shrink()
+
+    def compile(self, params: StructuredOutputsParams) -> Grammar:
+        """The compiled grammar of `params` (kept on them, and in the cache), or GrammarError."""
+        grammar = params.compiled
+        if isinstance(grammar, Grammar) and grammar._owner is self:
             return grammar
+        with self._lock:
+            grammar = self.cache.get(params.key)
+        if grammar is None:
+            kind, text = params.key
+            if len(text) > self.max_grammar_chars:
+                raise GrammarError(f"structured_outputs.{kind}", f"the grammar's text has {len(text)} characters; "
+                                                                 f"the limit is {self.max_grammar_chars}")
+            self._load()
+            grammar = self._thread.run(self._build, params)
+        params.compiled = grammar
+        return grammar
+
+    def forget(self, grammar: Grammar) -> None:
+        """Drop `grammar` from the cache (live matchers keep working)."""
+        with self._lock:
+            if self.cache.get(grammar.key) is grammar:
+                self.cache.discard(grammar.key)
+
+    def _build(self, params: StructuredOutputsParams) -> Grammar:
+        """On the grammar thread, one build at a time: compile, compute the first mask, measure, cache."""
+        with self._lock:
+            grammar = self.cache.get(params.key)  # built meanwhile, for another request
+        if grammar is not None:
+            return grammar
+        before = allocated_bytes() if allocated_bytes is not None else None
+        template = self._template(params)
+        measured = allocated_bytes() - before if before is not None else None
+        grammar = Grammar(params.key, template, self, grammar_bytes(measured, len(params.key[1])))
+        with self._lock:
+            self.num_compiled += 1
+            self.cache.put(params.key, grammar, grammar.nbytes)  # (not kept when larger than the whole cache)
+        return grammar
 
     def _load(self) -> None:
-        if self._tokenizer is not None:
-            return
-        try:
-            import llguidance
-            import llguidance.hf
-        except ImportError:
-            raise GrammarError("structured_outputs", "structured outputs need the llguidance package "
-                                          "(pip install llguidance)") from None
-        try:
-            tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
-                                                     eos_token=self.stop_token_ids)
-        except (ValueError, TypeError) as e:
-            raise GrammarError("structured_outputs", f"this model's tokenizer cannot drive a grammar: {e}") from None
-        self._llg, self._tokenizer, self.executor = llguidance, tokenizer, llguidance.LLExecutor()
+        with self._lock:
+            if self._tokenizer is not None:
+                return
+            try:
+                import llguidance
+                import llguidance.hf
+            except ImportError:
+                raise GrammarError("structured_outputs", "structured outputs need the llguidance package "
+                                              "(pip install llguidance)") from None
+            try:
+                tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
+                                                         eos_token=self.stop_token_ids)
+            except (ValueError, TypeError) as e:
+                raise GrammarError("structured_outputs", f"this model's tokenizer cannot drive a grammar: {e}") from None
+            self._limits = llguidance.LLParserLimits(max_lexer_states=MAX_LEXER_STATES, verbose_errors=False)
+            self._llg, self._tokenizer, self.executor = llguidance, tokenizer, llguidance.LLExecutor()
 
     def _template(self, params: StructuredOutputsParams) -> Any:
         llg, (kind, text) = self._llg, params.key
@@ -164,14 +254,39 @@ class StructuredOutputs:
             else:  # choice (a JSON list) or grammar (Lark, or GBNF converted to Lark)
                 spec = llg.grammar_from(kind, text)
         except ValueError as e:
-            raise GrammarError(field, str(e)) from None
-        failed, messages = M.validate_grammar_with_warnings(spec, self._tokenizer)
+            raise GrammarError(field, short_error(str(e))) from None
+        failed, messages = M.validate_grammar_with_warnings(spec, self._tokenizer, limits=self._limits)
         if failed:
-            raise GrammarError(field, messages[0].strip())
-        template = M(self._tokenizer, spec, log_level=0)
+            raise GrammarError(field, short_error(messages[0]))
+        template = M(self._tokenizer, spec, log_level=0, limits=self._limits)
         if template.is_error():
-            raise GrammarError(field, template.get_error())
+            raise GrammarError(field, short_error(template.get_error()))
+        self._probe(template, field)
         return template
+
+    def _probe(self, template: Any, field: str) -> None:
+        """Compute the first mask and take one token it allows, on a copy: the same for every sequence, so
+        a grammar past llguidance's limits there (most are: a 2,500-item choice, a 3,000-way Lark rule,
+        `a{1000000}`, a self-referencing `$ref`) is a GrammarError now, not a failed sequence later."""
+        probe = template.deep_copy()
+        mask = probe.compute_bitmask()
+        token = None if probe.is_error() else _first_allowed(mask, set(self.stop_token_ids))
+        if token is not None:
+            probe.consume_token(token)
+        if probe.is_error():
+            raise GrammarError(field, f"the grammar engine fails at the first token: {short_error(probe.get_error())}")
+
+
+def _first_allowed(mask: bytes, skip: set[int]) -> int | None:
+    """The smallest token id a bitmask allows (bit j of byte i is token 8 i + j) that is not in `skip`."""
+    for i, byte in enumerate(mask):
+        while byte:
+            low = byte & -byte
+            token = 8 * i + low.bit_length() - 1
+            if token not in skip:
+                return token
+            byte ^= low
+    return None
 
 
 def json_sequence_grammar(item_schema: dict, separator: str) -> str:

@@ -5,6 +5,11 @@ form, so it never reaches a handler), 413 past the size limit, 408 for a body th
 400 for what is not a JSON object, is nested too deep, or holds text that is not valid Unicode (a
 lone surrogate such as "\\ud800" parses as JSON but breaks the tokenizer and the response encoder).
 Big bodies are parsed in a worker thread, so a 4 MB body does not hold up the event loop.
+
+JSON texts inside the body -- a schema given as a string, the arguments of a tool call in the
+conversation -- are parsed again; `parse_json_text` does it with the same checks (a 400 naming the
+field, never a RecursionError or a lone surrogate set loose), and `check_message_json` runs it over
+the messages' tool calls.
 """
 from __future__ import annotations
 
@@ -71,9 +76,35 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _check_tree(body: dict) -> None:
+def parse_json_text(text: str, param: str) -> Any:
+    """A JSON text found inside the body, parsed with the body's checks: a 400 naming `param` when it is
+    not JSON, is nested more than MAX_JSON_DEPTH levels or holds text that is not valid Unicode."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise APIError(400, f"{param} is nested more than {MAX_JSON_DEPTH} levels deep", param=param,
+                       code="invalid_value") from None
+    except ValueError as e:
+        raise APIError(400, f"{param} is not valid JSON: {e}", param=param, code="invalid_value") from None
+    _check_tree(value, param)
+    return value
+
+
+def check_message_json(messages: Any) -> None:
+    """The JSON texts of a conversation (`messages[i].tool_calls[j].function.arguments`) through
+    parse_json_text, before the chat template parses them again."""
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for j, call in enumerate(calls if isinstance(calls, list) else []):
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str) and arguments.strip():
+                parse_json_text(arguments, f"messages[{i}].tool_calls[{j}].function.arguments")
+
+
+def _check_tree(root: Any, root_path: str = "") -> None:
     """Depth and Unicode of every value and key, iteratively (no recursion on hostile input)."""
-    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    stack: list[tuple[Any, str, int]] = [(root, root_path, 1)]
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, str):

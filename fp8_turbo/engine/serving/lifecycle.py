@@ -11,6 +11,10 @@
   get a 503, and the process exits 1 so that a supervisor restarts it.
 - A connection whose request headers do not arrive within `--header-timeout` seconds is closed
   (uvicorn itself waits forever); bodies have `--body-timeout` (see body.py).
+- At most `--max-connections` connections are served at once: one past that is answered, as soon
+  as its request's headers arrive, with an OpenAI-shaped 503, `Retry-After` and `Connection: close`
+  (and closed after 2 s if they do not arrive), so slow or idle clients cannot hold every file
+  descriptor and every body buffer of the process.
 """
 from __future__ import annotations
 
@@ -18,16 +22,21 @@ import asyncio
 import logging
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fp8_turbo.engine.core.async_engine import AsyncLLMEngine, EngineShutdownError
+from fp8_turbo.engine.serving.protocol import APIError, new_id
+from fp8_turbo.engine.serving.request_context import REQUEST_ID_HEADER, error_response
 
 logger = logging.getLogger("fp8_turbo")
 
 _FLUSH_TIMEOUT = 5.0  # seconds for ended requests to send their last bytes
 _UVICORN_GRACE = 5  # uvicorn's own wait for connections once we are done (they should all be gone)
+_OVER_CAPACITY_HEADER_TIMEOUT = 2.0  # seconds a connection past --max-connections may take to send its headers
+_REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about connections refused
 
 
 def check_engine(engine) -> bool:
@@ -112,15 +121,23 @@ class GracefulServer(uvicorn.Server):
         return self._stopping is not None and self._stopping.done()
 
 
-def h11_with_header_timeout(timeout: float) -> type[H11Protocol]:
+def h11_with_header_timeout(timeout: float, max_connections: int | None = None,
+                            retry_after: int = 1) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol with the header timeout and the connection cap described above."""
+    over_capacity = _over_capacity_app(max_connections, retry_after) if max_connections is not None else None
+
     class H11WithHeaderTimeout(H11Protocol):
         """Closes a connection whose next request's headers have not all arrived `timeout` s after it opened
-        (or after its first bytes, on a kept-alive connection)."""
+        (or after its first bytes, on a kept-alive connection); answers 503 on one past `max_connections`."""
 
         _header_timer: asyncio.TimerHandle | None = None
+        _timeout = timeout
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if over_capacity is not None and len(self.connections) > max_connections:
+                self.app = over_capacity  # this connection's requests (one: it is closed after the answer)
+                self._timeout = min(timeout, _OVER_CAPACITY_HEADER_TIMEOUT)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
@@ -139,7 +156,7 @@ def h11_with_header_timeout(timeout: float) -> type[H11Protocol]:
 
         def _arm(self) -> None:
             self._disarm()
-            self._header_timer = self.loop.call_later(timeout, self._expire)
+            self._header_timer = self.loop.call_later(self._timeout, self._expire)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -149,20 +166,42 @@ def h11_with_header_timeout(timeout: float) -> type[H11Protocol]:
         def _expire(self) -> None:
             self._header_timer = None
             if self._between_requests() and not self.transport.is_closing():
-                self.logger.info("closing a connection that sent no complete request headers in %g s", timeout)
+                self.logger.info("closing a connection that sent no complete request headers in %g s", self._timeout)
                 self.transport.close()
 
     return H11WithHeaderTimeout
 
 
-def uvicorn_config(app, *, header_timeout: float, **options) -> uvicorn.Config:
+def _over_capacity_app(max_connections: int, retry_after: int):
+    """The ASGI app that answers a request on a connection past the cap (the server's app never sees it)."""
+    last_log = [float("-inf")]
+    refused = [0]
+
+    async def app(scope: dict[str, Any], receive, send) -> None:
+        refused[0] += 1
+        now = time.monotonic()
+        if now - last_log[0] >= _REFUSAL_LOG_INTERVAL:
+            logger.warning("%d connections over --max-connections %d refused with 503", refused[0], max_connections)
+            last_log[0], refused[0] = now, 0
+        refusal = APIError(503, f"the server has {max_connections} connections open, its limit; retry after "
+                                f"{retry_after} s", type="server_error", code="too_many_connections",
+                           headers={"Retry-After": str(retry_after), "Connection": "close",
+                                    REQUEST_ID_HEADER: new_id("req")})
+        await error_response(refusal)(scope, receive, send)
+    return app
+
+
+def uvicorn_config(app, *, header_timeout: float, max_connections: int | None = None, retry_after: int = 1,
+                   **options) -> uvicorn.Config:
     options.setdefault("timeout_graceful_shutdown", _UVICORN_GRACE)
-    return uvicorn.Config(app, http=h11_with_header_timeout(header_timeout), **options)
+    return uvicorn.Config(app, http=h11_with_header_timeout(header_timeout, max_connections, retry_after), **options)
 
 
-def serve(app, *, host: str, port: int, header_timeout: float, log_level: str = "info") -> int:
+def serve(app, *, host: str, port: int, header_timeout: float, max_connections: int | None = None,
+          retry_after: int = 1, log_level: str = "info") -> int:
     """Serve `app` (from `build_app`) until a signal or the engine's death; the process exit status."""
     lifecycle: Lifecycle = app.state.lifecycle
-    config = uvicorn_config(app, header_timeout=header_timeout, host=host, port=port, log_level=log_level)
+    config = uvicorn_config(app, header_timeout=header_timeout, max_connections=max_connections,
+                            retry_after=retry_after, host=host, port=port, log_level=log_level)
     GracefulServer(config, lifecycle).run()
     return lifecycle.exit_code

@@ -8,12 +8,35 @@ per-request limit gets a 400 naming the field; one that does not fit the queue n
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
+from fp8_turbo.engine.sampling.structured import DEFAULT_CACHE_BYTES, DEFAULT_MAX_GRAMMAR_CHARS
 from fp8_turbo.engine.serving.protocol import APIError
 
 MAX_STOP_CHARS = 1024  # longest stop string: the stream holds back this many characters minus one
 MAX_JSON_DEPTH = 64  # nesting of the request body (a tool's JSON schema is rarely deeper than 10)
+MAX_CONNECTIONS = 1024  # open connections, unless the machine holds fewer (default_max_connections)
+
+
+def default_max_connections(max_request_bytes: int) -> int:
+    """MAX_CONNECTIONS, or fewer where the machine has less room: half the open-file limit (a connection
+    is a file descriptor) and as many bodies of `max_request_bytes` as fit in an eighth of the memory."""
+    limit = MAX_CONNECTIONS
+    try:
+        import resource
+
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if files != resource.RLIM_INFINITY:
+            limit = min(limit, files // 2)
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = min(limit, memory // (8 * max_request_bytes))
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows)
+        pass
+    return max(limit, 16)
 
 
 @dataclass(slots=True)
@@ -27,10 +50,16 @@ class ServerLimits:
     header_timeout: float = 30.0  # seconds for a client to send a request's headers
     body_timeout: float = 60.0  # seconds for a client to send a request's body
     retry_after: int = 1  # seconds, in the Retry-After of a 503
+    max_connections: int | None = None  # open connections (None: default_max_connections)
+    grammar_cache_bytes: int = DEFAULT_CACHE_BYTES  # compiled grammars kept, by measured size
+    max_grammar_chars: int = DEFAULT_MAX_GRAMMAR_CHARS  # the text of one structured output's grammar
 
     def __post_init__(self) -> None:
+        if self.max_connections is None:
+            self.max_connections = default_max_connections(self.max_request_bytes)
         for name in ("max_n", "max_prompts", "max_stop", "max_num_waiting", "max_queued_tokens",
-                     "max_request_bytes", "retry_after"):
+                     "max_request_bytes", "retry_after", "max_connections", "grammar_cache_bytes",
+                     "max_grammar_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout", "body_timeout"):
@@ -75,6 +104,8 @@ class ServerLimits:
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
     """The `serve` flags for ServerLimits (and the shutdown timeout, which run_server takes)."""
+    from fp8_turbo.engine.serving.cli import memory_size
+
     d = ServerLimits()
     p.add_argument("--max-n", type=int, default=d.max_n, help=f"largest n per request (default {d.max_n})")
     p.add_argument("--max-prompts", type=int, default=d.max_prompts,
@@ -87,6 +118,14 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
                    help=f"prompt tokens of those sequences before new requests get 503 (default {d.max_queued_tokens})")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help=f"largest request body (default {d.max_request_bytes})")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help=f"open connections; one past it gets 503 (default: {MAX_CONNECTIONS}, or fewer on a machine "
+                        f"with under 2x that many files or 8 x max-request-bytes x that much memory; here "
+                        f"{d.max_connections})")
+    p.add_argument("--grammar-cache-bytes", type=memory_size, default=d.grammar_cache_bytes, metavar="SIZE",
+                   help="compiled structured-output grammars kept, by their measured size, e.g. 64MiB (default 64 MiB)")
+    p.add_argument("--max-grammar-chars", type=int, default=d.max_grammar_chars,
+                   help=f"longest grammar text: a JSON schema, regex, choices or Lark grammar (default {d.max_grammar_chars})")
     p.add_argument("--header-timeout", type=float, default=d.header_timeout,
                    help=f"seconds a client may take to send request headers (default {d.header_timeout:g})")
     p.add_argument("--body-timeout", type=float, default=d.body_timeout,
@@ -100,4 +139,5 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
                         max_num_waiting=args.max_num_waiting, max_queued_tokens=args.max_queued_tokens,
                         max_request_bytes=args.max_request_bytes, header_timeout=args.header_timeout,
-                        body_timeout=args.body_timeout)
+                        body_timeout=args.body_timeout, max_connections=args.max_connections,
+                        grammar_cache_bytes=args.grammar_cache_bytes, max_grammar_chars=args.max_grammar_chars)

@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from fp8_turbo.engine.core.async_engine import AsyncLLMEngine
 from fp8_turbo.engine.core.llm_engine import LLMEngine, PromptTooLongError
-from fp8_turbo.engine.serving.body import read_json
+from fp8_turbo.engine.serving.body import check_message_json, read_json
 from fp8_turbo.engine.serving.lifecycle import Lifecycle, check_engine, serve
 from fp8_turbo.engine.serving.limits import ServerLimits, limits_from_args
 from fp8_turbo.engine.serving.metrics import RequestTiming, ServerMetrics
@@ -80,6 +80,8 @@ class OpenAIServer:
         self.api_key = api_key.encode() if api_key else None
         self.prices = (price_input_per_m, price_output_per_m)
         self.limits = limits or ServerLimits()
+        engine.structured.set_limits(cache_bytes=self.limits.grammar_cache_bytes,
+                                     max_grammar_chars=self.limits.max_grammar_chars)
         self.metrics_public = metrics_public
         self.aengine = AsyncLLMEngine(engine)
         self.lifecycle = Lifecycle(self.aengine, shutdown_timeout)
@@ -191,6 +193,7 @@ class OpenAIServer:
     def _chat_prompt(self, req: ChatCompletionRequest, structure: Structure, params: SamplingParams) -> list[int]:
         """Template and tokenize (in a worker thread: a 4 MB conversation takes seconds), compile the
         grammar if any (its first one builds llguidance's tokenizer, ~1-2 s), then check the fit."""
+        check_message_json(req.messages)
         try:
             prompt_ids = self.tokenizer.apply_chat_template(req.messages, tools=structure.tools)
         except ValueError as e:
@@ -232,6 +235,7 @@ class OpenAIServer:
             final = await self.run_to_end(request, request_id, arrival)
         finally:
             self.aengine.release(request_id)  # (a no-op unless it never started)
+        _check_failures([(c.index, c) for c in final.outputs], structure)
         choices = [self._chat_choice(c, structure, logprobs) for c in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         body = self.envelope(request_id, "chat.completion", model)
@@ -241,7 +245,7 @@ class OpenAIServer:
 
     @staticmethod
     def _chat_choice(c: CompletionOutput, structure: Structure, top_logprobs: int | None) -> dict:
-        calls = structure.tool_calls(c.text)
+        calls = structure.tool_calls(c.text) if c.finish_reason != "error" else None
         if calls:
             message = {"role": "assistant", "content": None, "refusal": None,
                        "tool_calls": [call.to_openai() for call in calls]}
@@ -251,6 +255,8 @@ class OpenAIServer:
         if top_logprobs is not None:
             choice["logprobs"] = chat_logprobs(c.logprobs or [], c.token_ids, top_logprobs)
         choice["finish_reason"] = "tool_calls" if calls else _finish_reason(c)
+        if c.finish_reason == "error":  # its grammar failed (the others did not: _check_failures)
+            choice["error"] = structure.failure(c.index, c.error).body()["error"]
         return choice
 
     async def _chat_stream(self, request_id: str, model: str, prompt_ids: list[int], params: SamplingParams,
@@ -277,6 +283,11 @@ class OpenAIServer:
                     for c in out.outputs:
                         i = c.index
                         if done[i]:
+                            continue
+                        if c.finish_reason == "error":  # its grammar failed: an error event, the others go on
+                            done[i] = True
+                            completion_tokens += len(c.token_ids)
+                            yield _error_event(structure.failure(i, c.error))
                             continue
                         if holding[i] and not may_be_tool_call(c.text):
                             holding[i] = False  # plainly prose: stream it
@@ -366,7 +377,7 @@ class OpenAIServer:
             self.metrics.prompt_tokens += len(ids)
         model = req.model or self.model_name
         if req.stream:
-            stream = self._completion_stream(request_id, model, prompts[0], params, req, arrival)
+            stream = self._completion_stream(request_id, model, prompts[0], params, req, structure, arrival)
             return self.stream_response(stream, request_id)
 
         tasks = [asyncio.ensure_future(self.run_to_end(request, rid, arrival)) for rid in request_ids]
@@ -378,13 +389,19 @@ class OpenAIServer:
             for rid in request_ids:
                 self.aengine.release(rid)
 
+        _check_failures([(p * params.n + c.index, c) for p, final in enumerate(finals) for c in final.outputs],
+                        structure)
+
         def build_choices() -> tuple[list[dict], int, int]:  # detokenizes echoed prompts: in a worker thread
             choices, completion_tokens, prompt_tokens = [], 0, 0
             for p, ((_, ids), final) in enumerate(zip(prompts, finals)):
                 prompt_tokens += len(ids)
                 for c in final.outputs:
                     completion_tokens += len(c.token_ids)
-                    choices.append(self._completion_choice(p * params.n + c.index, ids, final, c, req))
+                    choice = self._completion_choice(p * params.n + c.index, ids, final, c, req)
+                    if c.finish_reason == "error":  # its grammar failed (not every choice's: _check_failures)
+                        choice["error"] = structure.failure(choice["index"], c.error).body()["error"]
+                    choices.append(choice)
             return choices, completion_tokens, prompt_tokens
 
         choices, completion_tokens, prompt_tokens = await self.run_blocking(build_choices)
@@ -408,7 +425,8 @@ class OpenAIServer:
         return {"index": index, "text": prompt_text + c.text, "logprobs": logprobs, "finish_reason": _finish_reason(c)}
 
     async def _completion_stream(self, request_id: str, model: str, prompt: tuple[str | None, list[int]],
-                                 params: SamplingParams, req: CompletionRequest, arrival: float) -> AsyncIterator[str]:
+                                 params: SamplingParams, req: CompletionRequest, structure: Structure,
+                                 arrival: float) -> AsyncIterator[str]:
         created = int(time.time())
         _, prompt_ids = prompt
 
@@ -417,6 +435,7 @@ class OpenAIServer:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         sent = [0] * params.n
+        done = [False] * params.n
         timing = RequestTiming(self.metrics, arrival)
         completion_tokens = 0
         if req.echo:
@@ -428,11 +447,17 @@ class OpenAIServer:
                 async for out in outputs:
                     timing.update(out)
                     for c in out.outputs:
+                        if done[c.index]:  # (a finished choice stays in the outputs of later steps)
+                            continue
+                        done[c.index] = c.finish_reason is not None
                         text = c.text[sent[c.index]:]
                         if text:
                             sent[c.index] = len(c.text)
                             yield chunk([{"index": c.index, "text": text, "logprobs": None, "finish_reason": None}])
-                        if c.finish_reason is not None:
+                        if c.finish_reason == "error":  # its grammar failed: an error event, the others go on
+                            completion_tokens += len(c.token_ids)
+                            yield _error_event(structure.failure(c.index, c.error))
+                        elif c.finish_reason is not None:
                             completion_tokens += len(c.token_ids)
                             yield chunk([{"index": c.index, "text": "", "logprobs": None,
                                           "finish_reason": _finish_reason(c)}])
@@ -482,7 +507,21 @@ def _num_prompts(prompt: str | list) -> int:
 
 
 def _finish_reason(c: CompletionOutput) -> str:
-    return "length" if c.finish_reason == "length" else "stop"
+    return c.finish_reason if c.finish_reason in ("length", "error") else "stop"
+
+
+def _check_failures(indexed: list[tuple[int, CompletionOutput]], structure: Structure) -> None:
+    """When every choice's grammar failed while it was generated, the answer is that 400 (the first one's);
+    when only some did, each of those carries finish_reason "error" and its `error` in the answer."""
+    failed = [(index, c) for index, c in indexed if c.finish_reason == "error"]
+    if failed and len(failed) == len(indexed):
+        index, c = failed[0]
+        raise structure.failure(index, c.error)
+
+
+def _error_event(e: APIError) -> str:
+    """An SSE error event (OpenAI's error body), as a stream reports what failed after its headers."""
+    return f"data: {json.dumps(e.body())}\n\n"
 
 
 def build_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
@@ -578,4 +617,5 @@ def run_server(args: argparse.Namespace) -> int:
                 engine.kv_capacity_tokens, name, args.host, args.port, " (API key required)" if api_key else "")
     if getattr(args, "web_ui", True):
         logger.info("chat page: http://%s:%d/", args.host, args.port)
-    return serve(app, host=args.host, port=args.port, header_timeout=limits.header_timeout)
+    return serve(app, host=args.host, port=args.port, header_timeout=limits.header_timeout,
+                 max_connections=limits.max_connections, retry_after=limits.retry_after)

@@ -21,6 +21,7 @@ from typing import Any
 
 from fp8_turbo.engine.sampling.params import StructuredOutputsParams
 from fp8_turbo.engine.sampling.structured import GrammarError, json_sequence_grammar
+from fp8_turbo.engine.serving.body import parse_json_text
 from fp8_turbo.engine.serving.protocol import APIError, ChatCompletionRequest, ResponseFormat, _SamplingFields
 from fp8_turbo.tokenizer.chat_template import normalize_tools
 from fp8_turbo.tokenizer.tool_calls import ToolCall, call_schema, parse_tool_calls
@@ -55,6 +56,13 @@ class Structure:
                 return APIError(400, f"{param} (function {function['name']!r}): {err.detail}", param=param,
                                 code="invalid_value")
         return APIError(400, f"{self.param}: {e.detail}", param=self.param, code="invalid_value")
+
+    def failure(self, index: int, error: str | None) -> APIError:
+        """A choice whose grammar failed while it was generated (finish_reason "error"): a 400 naming the
+        field the grammar came from; the whole answer when every choice failed, else that choice's error."""
+        param = self.param or "structured_outputs"
+        return APIError(400, f"choice {index}: {param}: {error or 'the grammar failed'}", param=param,
+                        code="grammar_error")
 
     @property
     def parses_tool_calls(self) -> bool:
@@ -140,6 +148,8 @@ def _response_format(response_format: ResponseFormat | None) -> Structure | None
 def _structured_outputs(req: _SamplingFields) -> Structure | None:
     if req.structured_outputs is None:
         return None
+    if isinstance(req.structured_outputs.json_, str):  # a schema as text: parsed with the body's checks first
+        parse_json_text(req.structured_outputs.json_, "structured_outputs.json")
     try:
         params = req.structured_outputs.params()
     except ValueError as e:
