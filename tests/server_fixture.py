@@ -39,14 +39,15 @@ def tiny_engine(path: Path, **options) -> LLMEngine:
 class ServerThread:
     """`with ServerThread(app) as s:` serves `app` at `s.url` until the block ends."""
 
-    def __init__(self, app, header_timeout: float = 30.0):
+    def __init__(self, app, header_timeout: float = 30.0, max_connections: int | None = None):
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn_config(app, header_timeout=header_timeout, log_level="warning", timeout_graceful_shutdown=2)
+        config = uvicorn_config(app, header_timeout=header_timeout, max_connections=max_connections,
+                                log_level="warning", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -79,9 +80,10 @@ class ServerThread:
             time.sleep(0.05)
 
 
-def start_server(engine: LLMEngine, header_timeout: float = 30.0, **app_options) -> ServerThread:
+def start_server(engine: LLMEngine, header_timeout: float = 30.0, max_connections: int | None = None,
+                 **app_options) -> ServerThread:
     app_options.setdefault("served_model_name", SEED_MODEL_NAME)
-    server = ServerThread(build_app(engine, **app_options), header_timeout)
+    server = ServerThread(build_app(engine, **app_options), header_timeout, max_connections)
     server.engine = engine  # for tests that read the tokenizer; never step it while the server runs
     return server.__enter__()
 

@@ -44,6 +44,18 @@ def raw(text: str) -> bytes:
     return text.encode()
 
 
+ARGUMENTS = "messages[1].tool_calls[0].function.arguments"
+
+
+def called(*arguments: str) -> dict:
+    """A conversation whose assistant turn called a tool with these argument texts."""
+    calls = [{"id": f"call_{i}", "type": "function", "function": {"name": "f", "arguments": a}}
+             for i, a in enumerate(arguments)]
+    return {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "w5"},
+                                                          {"role": "assistant", "tool_calls": calls},
+                                                          {"role": "tool", "tool_call_id": "call_0", "content": "w6"}]}
+
+
 def nested(depth: int) -> list:
     value: list = []
     for _ in range(depth - 1):
@@ -93,6 +105,31 @@ HOSTILE = [
     ("infinite max_tokens", CHAT, raw(f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "w5"}}], '
                                       f'"max_tokens": Infinity}}'), 400, "max_tokens"),
     ("invalid UTF-8", CHAT, b'{"model": "\xff\xfe"}', 400, None),
+    # JSON texts inside the body are parsed again, with the body's checks (issue 25)
+    ("tool-call arguments nested 1000 deep", CHAT, called("[" * 1000 + "]" * 1000), 400, ARGUMENTS),
+    ("tool-call arguments nested past the limit", CHAT, called(json.dumps(nested(MAX_JSON_DEPTH + 1))), 400,
+     (ARGUMENTS + "[0]" * MAX_JSON_DEPTH)[:200]),  # (a param is cut at 200 characters)
+    ("tool-call arguments nested 100000 deep", CHAT, called("{\"a\": " * 100_000 + "1" + "}" * 100_000), 400, ARGUMENTS),
+    ("a lone surrogate in tool-call arguments", CHAT, called('{"a": "\\ud800"}'), 400, ARGUMENTS + ".a"),
+    ("a lone surrogate in a tool-call argument's name", CHAT, called('{"\\udfff": 1}'), 400, ARGUMENTS),
+    ("a lone surrogate deep in tool-call arguments", CHAT, called('{"a": [{"b": ["ok", "\\udbff"]}]}'), 400,
+     ARGUMENTS + ".a[0].b[1]"),
+    ("a 5000-digit integer in tool-call arguments", CHAT, called('{"a": ' + "7" * 5000 + "}"), 400, ARGUMENTS),
+    ("tool-call arguments that are not JSON", CHAT, called('{"a": '), 400, ARGUMENTS),
+    ("the second of two tool calls", CHAT, called('{"a": 1}', '{"b": "\\ud800"}'), 400,
+     "messages[1].tool_calls[1].function.arguments.b"),
+    ("structured_outputs.json nested 1000 deep as text", CHAT, chat(structured_outputs={"json": "[" * 1000 + "]" * 1000}),
+     400, "structured_outputs.json"),
+    ("structured_outputs.json nested 100000 deep as text, completions", COMPLETIONS,
+     {"model": MODEL, "prompt": "w5", "structured_outputs": {"json": '{"a": ' * 100_000 + "1" + "}" * 100_000}}, 400,
+     "structured_outputs.json"),
+    ("a lone surrogate in structured_outputs.json as text", CHAT,
+     chat(structured_outputs={"json": '{"const": "\\ud800"}'}), 400, "structured_outputs.json.const"),
+    ("min_tokens past the context without max_tokens", CHAT, chat(min_tokens=1_000_000, max_tokens=None), 400,
+     "min_tokens"),
+    ("min_tokens past the context, max_tokens clamped", CHAT, chat(min_tokens=510, max_tokens=100_000), 400, "min_tokens"),
+    ("min_tokens past the context, completions", COMPLETIONS, {"model": MODEL, "prompt": [5] * 10, "min_tokens": 503},
+     400, "min_tokens"),
     ("empty body", CHAT, b"", 400, None),
     ("a JSON array", COMPLETIONS, b"[]", 400, None),
     ("null", COMPLETIONS, b"null", 400, None),
@@ -257,6 +294,59 @@ def test_slow_body_gets_408(impatient):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:300]
         assert 0.3 < time.monotonic() - t0 < 5
+
+
+# ---- open connections: a cap, and a 503 past it ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def four_connections(tiny):
+    engine = LLMEngine(EngineConfig(model=tiny.config.model, device="cpu", kv_cache_memory_bytes=1 << 20))
+    s = start_server(engine, max_connections=4)
+    yield s
+    s.__exit__()
+
+
+def test_connections_past_the_cap_get_503_with_retry_after(four_connections):
+    url = four_connections.url
+    idle = [_connect(four_connections) for _ in range(4)]  # slow clients: connected, nothing sent
+    try:
+        time.sleep(0.2)
+        for _ in range(3):  # one past the cap, again and again: refused at once, never queued
+            r = httpx.post(f"{url}{CHAT}", json=chat(), timeout=10)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert r.headers["connection"] == "close" and r.headers["x-request-id"].startswith("req-")
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}
+            assert err["type"] == "server_error" and err["code"] == "too_many_connections" and "4 connections" in err["message"]
+        with _connect(four_connections) as extra:  # past the cap and silent: closed within 2 s, not 30
+            t0 = time.monotonic()
+            assert extra.recv(1024) == b"" and time.monotonic() - t0 < 5
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while (r := httpx.post(f"{url}{CHAT}", json=chat(), timeout=10)).status_code == 503:  # (until the server saw them go)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.status_code == 200
+    with httpx.Client(base_url=url, timeout=30) as client:  # a kept-alive connection is one connection, reused
+        assert all(client.post(CHAT, json=chat()).status_code == 200 for _ in range(6))
+
+
+def test_max_connections_default_is_sized_for_the_machine():
+    from fp8_turbo.engine.serving.limits import MAX_CONNECTIONS, default_max_connections
+
+    assert 16 <= ServerLimits().max_connections <= MAX_CONNECTIONS
+    assert default_max_connections(1 << 40) == 16  # a TiB per body: the floor
+    assert ServerLimits(max_connections=7).max_connections == 7
+    with pytest.raises(ValueError, match="max_connections must be >= 1"):
+        ServerLimits(max_connections=0)
+
+
+def test_min_tokens_past_the_context_names_both_numbers(server, tiny):
+    r = httpx.post(f"{server.url}{CHAT}", json=chat(min_tokens=1_000_000, max_tokens=None))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    message = r.json()["error"]["message"]
+    assert "min_tokens is 1000000" in message and f"max_model_len {tiny.max_model_len}" in message, message
 
 
 # ---- a dead engine loop ---------------------------------------------------------------------------------------

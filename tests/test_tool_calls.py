@@ -87,3 +87,22 @@ def test_not_a_tool_call_stays_content(text):
 def test_to_openai():
     call = ToolCall(name="f", arguments='{"a": 1}', id="call_x")
     assert call.to_openai() == {"id": "call_x", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "f", "parameters": {"a": ' + "[" * 5000 + "]" * 5000 + "}}",  # past Python's recursion limit
+    "[" * 100_000,
+    '{"name": "f", "parameters": {"a": ' + "9" * 5000 + "}}",  # past the 4300-digit integer limit
+    '{"name": "f", "parameters": "{\\"a\\": ' + "[" * 5000 + "]" * 5000 + '}"}',  # the same inside a string
+    '{"name": "f", "parameters": {"a": "\\ud800"}}',  # an escape that decodes to a lone surrogate
+    '{"name": "\\udfff", "parameters": {}}',
+    '{"name": "f", "parameters": {"\\ud83d": 1}}',
+])
+def test_hostile_model_output_stays_content(text):
+    """What a model (or a prompt steering it) may write that parses badly: never an exception (a 500 after
+    the whole answer was generated) and never a call the response encoder cannot write."""
+    assert parse_tool_calls(text) is None
+
+
+def test_valid_escapes_still_make_calls():
+    assert _calls('{"name": "f", "parameters": {"a": "\\ud83d\\ude00 \\u00e9"}}') == [("f", {"a": "\U0001F600 é"})]

@@ -53,16 +53,30 @@ DEFAULT_MAX_GRAMMAR_CHARS = 256 << 10  # longest grammar text (a schema as JSON,
 MAX_LEXER_STATES = 20_000  # per grammar: ~11 MB at most (llguidance's default, 250,000, is ~140 MB)
 ERROR_LINES, ERROR_LINE_CHARS = 5, 110  # of an llguidance error message (a regex error quotes the regex)
 EXCERPT_CHARS = 120  # of a grammar, in a log line
+_PROBE_FORCED_TOKENS = 256  # forced tokens the compile-time probe follows
 
 
 def short_error(message: str) -> str:
     """llguidance's message without a state dump: at most ERROR_LINES lines (the first one and those that
     say "error" first: a regex error quotes the regex and the grammar line) of at most ERROR_LINE_CHARS."""
-    lines = [line.rstrip() for line in message.split("<state>", 1)[0].strip().splitlines() if line.strip()]
+    lines = [line.rstrip() for line in message.split("<state>", 1)[0].strip().splitlines()
+             if line.strip() and line.strip() != "<non-verbose/>"]  # (llguidance's mark of verbose_errors off)
     order = sorted(range(len(lines)), key=lambda i: (i > 0, "error" not in lines[i].lower(), i))
     keep = sorted(order[:ERROR_LINES])
     return "\n".join(line if len(line) <= ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS - 3] + "..."
                      for line in (lines[i] for i in keep))
+
+
+def _matcher_error(m: Any) -> str:
+    """Why an llguidance matcher failed or stopped short, or "" while it is fine."""
+    if m.is_error():
+        error = short_error(m.get_error()) or str(m.stop_reason())
+        if error.startswith("NoExtension"):  # llguidance's word for a dead end
+            error += ": no token can continue the output, and it is incomplete"
+        return error
+    if m.is_stopped() and not m.is_accepting():
+        return f"nothing may follow, and the output is incomplete ({m.stop_reason()})"
+    return ""
 
 
 def excerpt(text: str) -> str:
@@ -91,8 +105,11 @@ class GrammarMatcher:
 
     def accept(self, token_id: int) -> bool:
         """Advance by one token; False if the grammar does not allow it or failed (a limit reached at this
-        step or when its mask was computed): the matcher is then dead, and `error` says why."""
-        if self._matcher.consume_token(token_id):
+        step or when its mask was computed, or a dead end: nothing may follow and the output is incomplete,
+        where llguidance's mask allowed only EOS): the matcher is then dead, and `error` says why."""
+        m = self._matcher
+        if not m.is_error() and m.consume_token(token_id) and not m.is_error() \
+                and not (m.is_stopped() and not m.is_accepting()):
             return True
         if self.grammar is not None:  # its shared lexer may be at a limit: the next request builds afresh
             self._owner.forget(self.grammar)
@@ -125,7 +142,7 @@ class GrammarMatcher:
     @property
     def error(self) -> str:
         """Why the matcher failed (short_error), or ""."""
-        return short_error(self._matcher.get_error())
+        return _matcher_error(self._matcher)
 
     def close(self) -> None:
         if self._matcher is not None:
@@ -265,16 +282,20 @@ class StructuredOutputs:
         return template
 
     def _probe(self, template: Any, field: str) -> None:
-        """Compute the first mask and take one token it allows, on a copy: the same for every sequence, so
-        a grammar past llguidance's limits there (most are: a 2,500-item choice, a 3,000-way Lark rule,
-        `a{1000000}`, a self-referencing `$ref`) is a GrammarError now, not a failed sequence later."""
+        """On a copy: compute the first mask, take one token it allows and the tokens then forced, and
+        compute the next mask. That start is the same for every sequence, so a grammar that fails there
+        (past llguidance's limits: a 2,500-item choice, a 3,000-way Lark rule, `a{1000000}`; or a dead
+        end: a `$ref` to itself with nothing else) is a GrammarError now, not a failed sequence later."""
         probe = template.deep_copy()
         mask = probe.compute_bitmask()
         token = None if probe.is_error() else _first_allowed(mask, set(self.stop_token_ids))
-        if token is not None:
-            probe.consume_token(token)
-        if probe.is_error():
-            raise GrammarError(field, f"the grammar engine fails at the first token: {short_error(probe.get_error())}")
+        if token is not None and probe.consume_token(token):
+            forced = probe.compute_ff_tokens()[:_PROBE_FORCED_TOKENS]
+            if forced and probe.consume_tokens(forced):
+                probe.compute_bitmask()
+        error = _matcher_error(probe)
+        if error:
+            raise GrammarError(field, f"the grammar engine fails at the first token: {error}")
 
 
 def _first_allowed(mask: bytes, skip: set[int]) -> int | None:

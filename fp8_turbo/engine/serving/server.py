@@ -148,8 +148,9 @@ class OpenAIServer:
     def check_fits(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
             self.engine.check_request(prompt_ids, params)
-        except PromptTooLongError as e:
-            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        except PromptTooLongError as e:  # min_tokens past the room the context leaves names min_tokens
+            field = "min_tokens" if "min_tokens is" in str(e) else param
+            raise APIError(400, str(e), param=field, code="context_length_exceeded") from None
         except ValueError as e:  # out-of-vocabulary ids name their field (stop_token_ids, logit_bias)
             raise value_error(e, param) from None
 
