@@ -28,6 +28,11 @@ CHAT = "/v1/chat/completions"
 # Compiles and takes its first tokens (letters), then fails once a word and a space are written: the
 # rule after them has 2,500 alternatives, past llguidance's 2,000 items in a row.
 LATE = 'start: "ok" | /[a-z]{1,12}/ " " r\nr: ' + " | ".join(f'"a{i}"' for i in range(2500))
+# The same as a JSON schema: 2,500 alternatives for "b", met once "a" is written.
+LATE_SCHEMA = {"type": "object", "properties": {
+    "a": {"type": "string", "maxLength": 8},
+    "b": {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]}
+                    for i in range(2500)]}}, "required": ["a", "b"], "additionalProperties": False}
 FIRST_TOKEN_FAILURES = [  # the issue's cases: compiled fine, then failed at the first token
     ({"choice": [f"item{i}" for i in range(2500)]}, "structured_outputs.choice", "2501 items"),
     ({"grammar": "start: " + " | ".join(f'"alt{i}"' for i in range(3000))}, "structured_outputs.grammar", "3001 items"),
@@ -71,6 +76,7 @@ def smol():
     engine.sampler = ForcedChoices(engine.sampler, engine.tokenizer, {
         "fail first": ["hello "],  # every choice fails after "hello" + " "
         "fail one": ["hello ", "ok"],  # choice 0 fails, choice 1 answers "ok"
+        "fail json": ['{"a": "hello", "b": {"k7": 1}}'],  # LATE_SCHEMA fails at b's "{"
     })
     s = start_server(engine, served_model_name=MODEL)
     yield s
@@ -264,6 +270,19 @@ def test_completions_report_grammar_failures_too(smol):
     assert reasons[0][1] == "error" and reasons[1][1:] == ("stop", "ok")
     r = post(smol, {**body, "prompt": "Please fail first.", "n": 1}, "/v1/completions")
     assert r.status_code == 400 and r.json()["error"]["code"] == "grammar_error"
+
+
+def test_responses_api_reports_grammar_failures(smol):
+    body = {"model": MODEL, "input": "Please fail json.", "max_output_tokens": 24, "temperature": 0,
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": LATE_SCHEMA}}}
+    r = post(smol, body, "/v1/responses")
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert err["code"] == "grammar_error" and "2500 items" in err["message"] and err["param"].startswith("text"), err
+    with httpx.stream("POST", f"{smol.url}/v1/responses", json={**body, "stream": True}, timeout=300) as r:
+        assert r.status_code == 200
+        kinds = [line[len("event: "):] for line in r.iter_lines() if line.startswith("event: ")]
+    assert kinds[-2:] == ["error", "response.failed"] and "response.completed" not in kinds, kinds
 
 
 def test_server_is_idle_and_whole_afterwards(smol, grammars):

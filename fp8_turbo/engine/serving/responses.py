@@ -142,6 +142,8 @@ class ResponsesAPI:
         finally:
             s.aengine.release(response_id)  # (a no-op unless it never started)
         c = final.outputs[0]
+        if c.finish_reason == "error":  # the grammar failed while generating: a 400, never a partial "completed"
+            raise responses_error(structure.failure(0, c.error))
         return JSONResponse(finish(answer.items(c), c, final))
 
     def _head(self, req: ResponsesRequest, response_id: str, created: int) -> dict[str, Any]:
@@ -183,6 +185,13 @@ class ResponsesAPI:
                 async for out in outputs:
                     timing.update(out)
                     c = out.outputs[0]
+                    if c.finish_reason == "error":  # the grammar failed while generating
+                        done = True
+                        error = responses_error(answer.structure.failure(0, c.error))
+                        yield event("error", code=error.code, message=error.message, param=error.param)
+                        yield event("response.failed", response={**head, "status": "failed",
+                                                                 "error": {"code": error.code, "message": error.message}})
+                        break
                     if holding and not may_be_tool_call(c.text):
                         holding = False  # plainly prose: stream it
                     finished = c.finish_reason is not None
