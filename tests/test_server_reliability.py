@@ -68,6 +68,14 @@ BAD_BODIES = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "max_completion_tokens": -5}, 400),
     ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "stop": ["w9"] * 17}, 400),
     ("text/plain", 415),  # a cross-origin "simple" POST
+    # JSON texts inside the body, parsed again (issue 25): nested past Python's recursion limit, a lone surrogate
+    ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 2000 + "]" * 2000}}]}]}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}]}]}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}],
+      "structured_outputs": {"json": '{"a": ' * 2000 + "1" + "}" * 2000}}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "min_tokens": 1_000_000}, 400),
 ]
 OVERLOADED = "overloaded"  # a good request answered 503 + Retry-After: expected, the queue is small
 

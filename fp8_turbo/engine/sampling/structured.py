@@ -170,12 +170,13 @@ class StructuredOutputs:
 
     hf_tokenizer: a transformers fast tokenizer; vocab_size: the width of the model's logits (may
     exceed the tokenizer's); stop_token_ids: the tokens that end a sequence (EOS, end of turn).
-    cache_bytes / cache_entries bound the compiled grammars kept; max_grammar_chars the text of one.
+    cache_bytes / cache_entries bound the compiled grammars kept; max_grammar_chars the text of one;
+    max_lexer_states the lexer states one grammar may build.
     """
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int], *,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, cache_entries: int = DEFAULT_CACHE_ENTRIES,
-                 max_grammar_chars: int = DEFAULT_MAX_GRAMMAR_CHARS):
+                 max_grammar_chars: int = DEFAULT_MAX_GRAMMAR_CHARS, max_lexer_states: int = MAX_LEXER_STATES):
         self._hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
@@ -185,10 +186,12 @@ class StructuredOutputs:
         self.executor: Any = None
         self.cache = GrammarCache(cache_bytes, cache_entries)
         self.max_grammar_chars = max_grammar_chars
+        self.max_lexer_states = max_lexer_states
         self._lock = threading.Lock()
         self._thread = GrammarThread()
         self.num_matchers = 0  # live GrammarMatchers: every sequence's is closed when it ends
         self.num_compiled = 0  # grammars compiled (cache misses)
+        self.compiled_bytes = 0  # what they measured, together (GrammarCache.nbytes is what is kept)
 
     def set_limits(self, *, cache_bytes: int | None = None, cache_entries: int | None = None,
                    max_grammar_chars: int | None = None) -> None:
@@ -237,6 +240,7 @@ class StructuredOutputs:
         grammar = Grammar(params.key, template, self, grammar_bytes(measured, len(params.key[1])))
         with self._lock:
             self.num_compiled += 1
+            self.compiled_bytes += grammar.nbytes
             self.cache.put(params.key, grammar, grammar.nbytes)  # (not kept when larger than the whole cache)
         return grammar
 
@@ -255,7 +259,7 @@ class StructuredOutputs:
                                                          eos_token=self.stop_token_ids)
             except (ValueError, TypeError) as e:
                 raise GrammarError("structured_outputs", f"this model's tokenizer cannot drive a grammar: {e}") from None
-            self._limits = llguidance.LLParserLimits(max_lexer_states=MAX_LEXER_STATES, verbose_errors=False)
+            self._limits = llguidance.LLParserLimits(max_lexer_states=self.max_lexer_states, verbose_errors=False)
             self._llg, self._tokenizer, self.executor = llguidance, tokenizer, llguidance.LLExecutor()
 
     def _template(self, params: StructuredOutputsParams) -> Any:
