@@ -56,6 +56,13 @@ def called(*arguments: str) -> dict:
                                                           {"role": "tool", "tool_call_id": "call_0", "content": "w6"}]}
 
 
+def responses_call(arguments: str) -> dict:
+    """A Responses API input whose function_call item has these argument text."""
+    return {"model": MODEL, "max_output_tokens": 2, "input": [
+        {"role": "user", "content": "w5"}, {"type": "function_call", "call_id": "c1", "name": "f", "arguments": arguments},
+        {"type": "function_call_output", "call_id": "c1", "output": "w6"}]}
+
+
 def nested(depth: int) -> list:
     value: list = []
     for _ in range(depth - 1):
@@ -118,6 +125,14 @@ HOSTILE = [
     ("tool-call arguments that are not JSON", CHAT, called('{"a": '), 400, ARGUMENTS),
     ("the second of two tool calls", CHAT, called('{"a": 1}', '{"b": "\\ud800"}'), 400,
      "messages[1].tool_calls[1].function.arguments.b"),
+    ("tool-call arguments nested 1000 deep, /tokenize", "/tokenize", {k: v for k, v in called("[" * 1000 + "]" * 1000).items()
+                                                                     if k != "max_tokens"}, 400, ARGUMENTS),
+    ("a lone surrogate in tool-call arguments, /tokenize", "/tokenize",
+     {k: v for k, v in called('{"a": "\\ud800"}').items() if k != "max_tokens"}, 400, ARGUMENTS + ".a"),
+    ("function_call arguments nested 1000 deep, /v1/responses", "/v1/responses", responses_call("[" * 1000 + "]" * 1000),
+     400, "input[1].arguments"),
+    ("a lone surrogate in function_call arguments, /v1/responses", "/v1/responses", responses_call('{"a": "\\ud800"}'),
+     400, "input[1].arguments.a"),
     ("structured_outputs.json nested 1000 deep as text", CHAT, chat(structured_outputs={"json": "[" * 1000 + "]" * 1000}),
      400, "structured_outputs.json"),
     ("structured_outputs.json nested 100000 deep as text, completions", COMPLETIONS,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from fp8_turbo.engine.serving.body import check_message_json
 from fp8_turbo.engine.serving.protocol import APIError, DetokenizeRequest, TokenizeRequest, value_error
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class TokenizationAPI:
         if req.prompt is not None:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         else:
+            check_message_json(req.messages)  # tool-call arguments: parsed with the body's checks first
             try:
                 text = self.tokenizer.render_chat(req.messages, tools=req.tools,
                                                   add_generation_prompt=req.add_generation_prompt)
