@@ -10,6 +10,7 @@ from torch import nn
 from fp8_turbo import kernels
 from fp8_turbo.kernels import cpu as cpu_kernels
 from fp8_turbo.kernels.backend import use_triton
+from fp8_turbo.engine.model.module_version import Versioned
 
 QUANT_SCHEMES = ("none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
 
@@ -57,7 +58,7 @@ class QuantConfig:
         return not any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*") for pattern in self.ignore)
 
 
-class Linear(nn.Module):
+class Linear(Versioned):
     """y = x @ W.T (+ b). Weights arrive in high precision and are quantized once in `finalize()`.
 
     FP8 schemes keep `weight_fp8` (e4m3) and `weight_scale` (fp32). How they compute:

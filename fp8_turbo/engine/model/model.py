@@ -15,6 +15,8 @@ from fp8_turbo.kernels.cpu import ops as cpu_ops
 from fp8_turbo.engine.model.attention_metadata import AttentionMetadata
 from fp8_turbo.engine.model.config import ModelConfig, rope_inv_freq
 from fp8_turbo.engine.model.linear import Linear, QuantConfig
+from fp8_turbo.engine.model.module_version import Versioned
+from fp8_turbo.engine.model.native_step import native_step
 from fp8_turbo.engine.model.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TensorParallel,
                                    VocabParallelEmbedding, attention_shard, split_evenly)
 
@@ -29,7 +31,7 @@ def _fused_cpu(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return not use_triton(x) and cpu_ops.supports(x, *others)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Versioned):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -49,16 +51,47 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the "rotate half" convention of HF Llama checkpoints."""
+    """cos/sin tables for the "rotate half" convention of HF Llama checkpoints.
+
+    On the CPU the values come from fp32 tables by position (`table`), grown on demand in pieces of
+    _TABLE_PIECE positions: each piece is one vectorized torch cos/sin call, so a position's values never
+    depend on how many tokens the step holds (an elementwise op's scalar tail may round differently),
+    and the native step (native_step.py) reads the same tables."""
+
+    _TABLE_PIECE = 256
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU fp32 (cos, sin) [P, D]
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos(), emb.sin()
+
+    def table(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) [P, D] on the CPU with P >= positions (rows: positions 0..P-1)."""
+        have = 0 if self._table is None else self._table[0].shape[0]
+        if positions > have:
+            size = max(positions, 2 * have, self._TABLE_PIECE)
+            size = -(-size // self._TABLE_PIECE) * self._TABLE_PIECE
+            pieces = [self._compute(torch.arange(p, p + self._TABLE_PIECE, device=self.inv_freq.device))
+                      for p in range(have, size, self._TABLE_PIECE)]
+            old = [] if self._table is None else [self._table]
+            self._table = tuple(torch.cat([t[i] for t in old + pieces]).cpu() for i in range(2))
+        return self._table
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, max_positions: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] in `dtype`; `max_positions` bounds the positions (+1) when the caller knows it."""
+        if positions.device.type == "cpu":
+            if max_positions is None:
+                max_positions = int(positions.max()) + 1 if positions.numel() else 0
+            cos, sin = self.table(max_positions)
+            return cos[positions].to(dtype), sin[positions].to(dtype)
+        cos, sin = self._compute(positions)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,7 +103,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-class Attention(nn.Module):
+class Attention(Versioned):
     """This rank's heads (all of them without tensor parallelism: fp8_turbo/engine/model/parallel.py)."""
 
     def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str, tp: TensorParallel):
@@ -148,7 +181,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(T, self.q_size))
 
 
-class MLP(nn.Module):
+class MLP(Versioned):
     def __init__(self, cfg: ModelConfig, quant: QuantConfig, prefix: str, tp: TensorParallel):
         super().__init__()
         self.intermediate_size = split_evenly(cfg.intermediate_size, tp.size, "intermediate_size")  # this rank's
@@ -166,7 +199,7 @@ class MLP(nn.Module):
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
-class Block(nn.Module):
+class Block(Versioned):
     def __init__(self, cfg: ModelConfig, quant: QuantConfig, layer_idx: int, tp: TensorParallel):
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
@@ -181,7 +214,7 @@ class Block(nn.Module):
         return h + self.mlp(normed)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Versioned):
     """The whole model, or with `tp` one rank's shard of it (fp8_turbo/engine/model/parallel.py); the forward pass is
     the same, the parallel layers do the collectives."""
 
@@ -260,9 +293,15 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids [T] -> logits [len(meta.logits_indices), vocab] in fp32 (on rank 0 of a tensor-parallel
-        group; the other ranks get their vocabulary shard's)."""
+        group; the other ranks get their vocabulary shard's).
+
+        On the CPU the whole forward runs as one native call when it can (native_step.py: the same
+        kernels and the same bits, without Python between the layers); this code is its reference."""
+        step = native_step(self, input_ids)
+        if step is not None:
+            return step(input_ids, meta, kv_caches)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(meta.positions, x.dtype)
+        cos, sin = self.rotary(meta.positions, x.dtype, meta.max_seq_len)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, kv_cache)
         x = self.norm(x[meta.logits_indices])

@@ -42,6 +42,7 @@ from torch import nn
 
 from fp8_turbo.engine.model.config import ModelConfig
 from fp8_turbo.engine.model.linear import Linear, QuantConfig
+from fp8_turbo.engine.model.module_version import Versioned
 from fp8_turbo.kernels.fp8 import compute_scale, weight_amax
 
 BLOCK = 128  # FP8 block-scale edge (fp8-block)
@@ -264,7 +265,7 @@ def _finalize_with_global_amax(m: Linear) -> None:
     m.set_fp8_weight(w_fp8, scale)
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Versioned):
     """Rows start..start+ceil(V/N) of the embedding (zero past V); ids outside them contribute zeros.
 
     The rows are `weight` (the model dtype, or bf16), or an e4m3 matrix with one scale per row

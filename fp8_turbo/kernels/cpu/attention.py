@@ -47,7 +47,7 @@ def extension():
     global _EXT
     if _EXT is None:
         _EXT = build.load("fp8t_cpu_attention", ["attention.cpp"],
-                          ["attention_kernel.h", "common.h", "vec8.h", "vec8_math.h"])
+                          ["attention_kernel.h", "attention_types.h", "common.h", "vec8.h", "vec8_math.h"])
     return _EXT
 
 

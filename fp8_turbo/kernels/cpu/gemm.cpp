@@ -402,9 +402,11 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t granula
 
 }  // namespace fp8t
 
+#ifndef FP8T_GEMM_NO_MODULE  // step.cpp compiles this file into the native step, without its module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fp8-turbo CPU GEMM kernels (see kernels/cpu/gemm.py)";
   m.def("linear", &fp8t::linear);
   m.def("quantize", &fp8t::quantize);
   m.def("best_isa", &fp8t::best_isa);
 }
+#endif

@@ -31,7 +31,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 def extension():
     global _EXT
     if _EXT is None:
-        _EXT = build.load("fp8t_cpu_ops", ["ops.cpp"], ["ops_kernel.h", "common.h", "vec8.h", "vec8_math.h"])
+        _EXT = build.load("fp8t_cpu_ops", ["ops.cpp"], ["ops_kernel.h", "ops_types.h", "common.h", "vec8.h", "vec8_math.h"])
     return _EXT
 
 

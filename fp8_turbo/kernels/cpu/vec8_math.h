@@ -1,5 +1,5 @@
-// Elementwise fp32 math on V8 (vec8.h) for the attention and fused small-op kernels: add, sub, mul,
-// div, max and one exp2. Included after vec8.h, inside the same per-ISA namespace.
+// Elementwise fp32 math on V8 (vec8.h) for the attention, fused small-op and step kernels: add, sub,
+// mul, div, max, abs, one exp2 and the e4m3 rounding. Included after vec8.h, inside the same per-ISA namespace.
 //
 // Every function gives the same bits on every instruction set (each step is one IEEE fp32 operation
 // in round-to-nearest-even, spelled out: no contraction, -ffp-contract=off), so a scalar caller
@@ -24,6 +24,24 @@ FP8T_INLINE V8 div(const V8& a, const V8& b) { FP8T_LANEWISE(x / y) }
 // max(a, b) as vmaxps: a > b ? a : b (b when either is NaN).
 FP8T_INLINE V8 max(const V8& a, const V8& b) { FP8T_LANEWISE(x > y ? x : y) }
 FP8T_INLINE float lane(const V8& a, int i) { return a.v[i]; }
+
+// |a| lane by lane (the sign bit cleared), and whether any lane is NaN.
+FP8T_INLINE V8 abs(const V8& a) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::fabs(a.v[i]);
+  return r;
+}
+FP8T_INLINE bool any_nan(const V8& a) {
+  for (int i = 0; i < 8; ++i)
+    if (a.v[i] != a.v[i]) return true;
+  return false;
+}
+// common.h round_to_e4m3 on each lane.
+FP8T_INLINE V8 round_e4m3(const V8& a) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = round_to_e4m3(a.v[i]);
+  return r;
+}
 
 // 2^x: x < -126 (and NaN) -> 0, x > 128 -> +inf; else 2^n p(f), n = round(x), f = x - n (exact),
 // p the degree-7 polynomial of kExp2Poly in Horner form with one FMA per step.
@@ -56,6 +74,22 @@ FP8T_INLINE float lane(const V8& a, int i) {
   alignas(32) float t[8];
   _mm256_store_ps(t, a.x);
   return t[i];
+}
+
+FP8T_INLINE V8 abs(const V8& a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.x)}; }
+FP8T_INLINE bool any_nan(const V8& a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.x, a.x, _CMP_UNORD_Q)) != 0; }
+
+// common.h round_to_e4m3, the same steps on 8 lanes: a = min(|x|, 448) (vminps(448, a) keeps a NaN),
+// e = max(exponent(a), -6) - 3, then nearbyint(a * 2^-e) * 2^e (both scalings exact), with x's sign.
+FP8T_INLINE V8 round_e4m3(const V8& v) {
+  const __m256 sign = _mm256_and_ps(_mm256_set1_ps(-0.0f), v.x);
+  const __m256 a = _mm256_min_ps(_mm256_set1_ps(448.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v.x));
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 23), _mm256_set1_epi32(127));
+  e = _mm256_sub_epi32(_mm256_max_epi32(e, _mm256_set1_epi32(-6)), _mm256_set1_epi32(3));
+  const __m256 step = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  const __m256 inv_step = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), e), 23));
+  const __m256 r = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(a, inv_step), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), step);
+  return {_mm256_or_ps(r, sign)};
 }
 
 FP8T_INLINE V8 exp2(const V8& a) {
