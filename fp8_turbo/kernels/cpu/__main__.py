@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from fp8_turbo.kernels.cpu import attention, gemm, ops
+from fp8_turbo.kernels.cpu import attention, gemm, ops, step
 
 
 def main() -> int:
@@ -19,6 +19,8 @@ def main() -> int:
     for name, module in (("attention", attention), ("fused small-op", ops)):
         if not module.available():
             print(f"CPU {name} kernels: not available (see the warning above); the torch code will be used")
+    if step.enabled() and step.extension() is None:
+        print("CPU native step: not available (see the warning above); the model's modules will run each op")
     return 0
 
 

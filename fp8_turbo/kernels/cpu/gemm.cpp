@@ -143,7 +143,7 @@ namespace fp8t::avx2 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
 namespace fp8t::avx512 {
 #define FP8T_ISA 2
 #include "vec8.h"

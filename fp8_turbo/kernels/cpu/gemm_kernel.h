@@ -34,12 +34,73 @@ FP8T_INLINE void load_w16(const void* row, int64_t k, V8& lo, V8& hi) {
   }
 }
 
+#if FP8T_ISA == 2
+// AVX-512, e4m3 weights: rows n and n+1 share one zmm (lanes 0-7: row n's 8 lanes, 8-15: row n+1's),
+// decoded and multiplied by one instruction each. Every lane takes exactly the FMAs of the ymm code
+// below, in the same order, so the results are the same bits; the decode (the bottleneck of the
+// small-M GEMV on e4m3: vcvtph2ps) costs half the instructions per weight.
+FP8T_INLINE void load_e4m3_pair(const uint8_t* r0, const uint8_t* r1, __m512& lo, __m512& hi) {
+  __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
+                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1)), 1);
+  b = _mm256_permute4x64_epi64(b, 0xD8);  // qwords [r0 k0-7 | r1 k0-7 | r0 k8-15 | r1 k8-15]
+  __m512i h = _mm512_cvtepi8_epi16(b);  // vec8.h's fp16 bit patterns, 32 at once
+  h = _mm512_and_si512(_mm512_slli_epi16(h, 7), _mm512_set1_epi16(int16_t(0xBF80)));
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+
+// z[m][p] += a[m][ka .. ka+16) * (rows w[2p], w[2p+1] at kw .. kw+16), lo chunk then hi chunk.
+template <int MR, int NP>
+FP8T_INLINE void pair_step(const float* const (&a)[MR], const void* const* w, int64_t ka, int64_t kw, int64_t pf,
+                           __m512 (&z)[MR][NP]) {
+  __m512 alo[MR], ahi[MR];
+  for (int m = 0; m < MR; ++m) {
+    alo[m] = _mm512_broadcast_f32x8(_mm256_loadu_ps(a[m] + ka));
+    ahi[m] = _mm512_broadcast_f32x8(_mm256_loadu_ps(a[m] + ka + 8));
+  }
+  for (int p = 0; p < NP; ++p) {
+    const uint8_t* r0 = static_cast<const uint8_t*>(w[2 * p]) + kw;
+    const uint8_t* r1 = static_cast<const uint8_t*>(w[2 * p + 1]) + kw;
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(r0) + pf, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(r1) + pf, _MM_HINT_T0);
+    }
+    __m512 lo, hi;
+    load_e4m3_pair(r0, r1, lo, hi);
+    for (int m = 0; m < MR; ++m) z[m][p] = _mm512_fmadd_ps(alo[m], lo, z[m][p]);
+    for (int m = 0; m < MR; ++m) z[m][p] = _mm512_fmadd_ps(ahi[m], hi, z[m][p]);
+  }
+}
+
+template <int MR, int NR>
+FP8T_INLINE void dot_tile_e4m3_pairs(const float* const (&a)[MR], const void* const (&w)[NR],
+                                     const void* const (&tail)[NR], int64_t k_full, int64_t k0, int64_t k1, int64_t pf,
+                                     V8 (&acc)[MR][NR]) {
+  constexpr int NP = NR / 2;
+  __m512 z[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int p = 0; p < NP; ++p) z[m][p] = _mm512_insertf32x8(_mm512_castps256_ps512(acc[m][2 * p].x), acc[m][2 * p + 1].x, 1);
+  int64_t k = k0;
+  const int64_t k_main = std::min(k1, k_full);
+  for (; k < k_main; k += 16) pair_step<MR, NP>(a, w, k, k, pf, z);
+  if (k < k1) pair_step<MR, NP>(a, tail, k, 0, 0, z);  // k == k_full: the zero-padded partial chunk
+  for (int m = 0; m < MR; ++m)
+    for (int p = 0; p < NP; ++p) {
+      acc[m][2 * p].x = _mm512_castps512_ps256(z[m][p]);
+      acc[m][2 * p + 1].x = _mm512_extractf32x8_ps(z[m][p], 1);
+    }
+}
+#endif
+
 // acc[m][n] += a[m][k] * w[n][k] for k in [k0, k1) (multiples of 16). Weight rows are read up to
 // k_full; the 16 weights at k_full (a partial last chunk of K) come from tail[n], zero-padded.
 // pf > 0: also prefetch each weight row pf bytes ahead (the next tile's rows: one tile of lead).
 template <int MR, int NR, int WT>
 FP8T_INLINE void dot_tile(const float* const (&a)[MR], const void* const (&w)[NR], const void* const (&tail)[NR],
                           int64_t k_full, int64_t k0, int64_t k1, int64_t pf, V8 (&acc)[MR][NR]) {
+#if FP8T_ISA == 2
+  if constexpr (WT == W_E4M3 && NR % 2 == 0) return dot_tile_e4m3_pairs<MR, NR>(a, w, tail, k_full, k0, k1, pf, acc);
+#endif
   int64_t k = k0;
   const int64_t k_main = std::min(k1, k_full);
   for (; k < k_main; k += 16) {
@@ -151,7 +212,7 @@ void gemv(const Gemm& g, int64_t n_begin, int64_t n_end) {
   switch (g.M) {  // MR x NR: 8 to 12 accumulators
     case 1: return gemv_rows<1, 8, WT>(g, n_begin, n_end);
     case 2: return gemv_rows<2, 4, WT>(g, n_begin, n_end);
-    case 3: return gemv_rows<3, 3, WT>(g, n_begin, n_end);
+    case 3: return gemv_rows<3, FP8T_ISA == 2 ? 4 : 3, WT>(g, n_begin, n_end);
     case 4: return gemv_rows<4, 2, WT>(g, n_begin, n_end);
     default: std::abort();  // the caller takes the panel path for M > GEMV_MAX_M
   }
