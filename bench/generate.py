@@ -1,13 +1,15 @@
 """Single-stream decode speed and memory: fp8-turbo (each scheme) vs transformers' `generate` vs llama.cpp.
 
 SmolLM2-135M-Instruct (the embedded GGUF), one chat prompt, greedy, N new tokens (EOS ignored so
-every engine produces exactly N), median of R runs. Each engine runs in its own process, one after
-the other, so its peak RSS is its own (load, warm-up and the timed runs). Peers, when installed:
-transformers fp32 loading the same GGUF; llama-cpp-python on the bundled Q4_1 file and on a Q8_0
-requantization of it made with llama.cpp's own quantize API (an 8-bit peer for FP8). Prints a
-markdown table naming the machine and writes JSON + PNG to bench/out/.
+every engine produces exactly N), the prompt computed in every run, median of R runs. Each engine
+runs in its own process, one after the other, so its peak RSS is its own (load, warm-up and the
+timed runs). Peers: transformers fp32 loading the same GGUF; llama-cpp-python (from the peers
+directory, bench/peers.py: --peers DIR or $FP8_TURBO_PEERS) on the Q8_0 requantization made with
+llama.cpp's own quantize API (the 8-bit peer of FP8) and on the bundled Q4_1 file. Prints a markdown
+table naming the machine (CPU model and ISA) and llama.cpp's build, and writes JSON + PNG to bench/out/.
 
-    .venv/bin/python bench/generate.py [--new-tokens 96] [--runs 3] [--schemes fp8,none] [--no-llama-cpp]
+    .venv/bin/python bench/generate.py [--new-tokens 96] [--runs 3] [--schemes fp8,fp8-weight-only,none]
+                                       [--peers DIR] [--no-llama-cpp]
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers as peer_tools  # noqa: E402  (bench/peers.py; imports nothing outside the standard library)
+
 OUT = Path(__file__).parent / "out"
 PROMPT = [{"role": "user", "content": "Explain in a few paragraphs why the sky is blue."}]
 WARMUP_TOKENS = 8
@@ -29,18 +34,7 @@ WARMUP_TOKENS = 8
 def machine() -> str:
     import torch
 
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{peer_tools.cpu()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def _peak_rss_mb() -> float:
@@ -104,36 +98,11 @@ def worker_transformers(new_tokens: int, runs: int) -> dict:
             "rss_load_mb": rss_after_warmup, "peak_rss_mb": _peak_rss_mb()}
 
 
-def llama_cpp_file(kind: str) -> Path:
-    """The bundled Q4_1 GGUF, or its Q8_0 requantization (made once with llama.cpp's quantize API)."""
-    from fp8_turbo.engine.checkpoints.source import resolve_model
-
-    src = resolve_model("smollm2-135m-instruct").path
-    if kind == "Q4_1":
-        return src
-    import ctypes
-
-    import llama_cpp
-
-    dst = OUT / f"{src.stem.rsplit('.', 1)[0]}.Q8_0.gguf"
-    if not dst.exists():
-        OUT.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.allow_requantize = True
-        params.nthread = os.cpu_count() or 1
-        tmp = dst.with_suffix(".tmp")
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError("llama_model_quantize failed")
-        tmp.rename(dst)
-    return dst
-
-
-def worker_llama_cpp(kind: str, new_tokens: int, runs: int) -> dict:
+def worker_llama_cpp(kind: str, gguf: str, ids: list[int], new_tokens: int, runs: int) -> dict:
+    """Runs in the peers' Python (llama-cpp-python): the prompt ids and the GGUF come from the parent."""
     from llama_cpp import Llama, __version__
 
-    ids = prompt_ids()
-    path = llama_cpp_file(kind)
+    path = Path(gguf)
     t0 = time.perf_counter()
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count(), n_batch=512, verbose=False)
     load_s = time.perf_counter() - t0
@@ -154,9 +123,22 @@ def worker_llama_cpp(kind: str, new_tokens: int, runs: int) -> dict:
             "load_s": load_s, "rss_load_mb": rss_after_warmup, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_worker(spec: str, args) -> dict | None:
-    """Run one engine in a child process (its own peak RSS); None when the peer is not installed."""
-    cmd = [sys.executable, __file__, "--worker", spec, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
+def run_worker(spec: str, args, peers: peer_tools.Peers | None) -> dict | None:
+    """Run one engine in a child process (its own peak RSS); None when the peer is missing."""
+    python, extra = sys.executable, []
+    if spec.startswith("llama_cpp:"):
+        kind = spec.partition(":")[2]
+        if peers is None or peers.python is None:
+            print(f"  {spec}: skipped (no llama-cpp-python in the peers directory: see bench/peers.py)", file=sys.stderr)
+            return None
+        from fp8_turbo.engine.checkpoints.source import resolve_model
+
+        gguf = peers.q8_0 if kind == "Q8_0" else resolve_model("smollm2-135m-instruct").path
+        if gguf is None:
+            print(f"  {spec}: skipped (no {peer_tools.Q8_0} in {peers.root})", file=sys.stderr)
+            return None
+        python, extra = str(peers.python), ["--gguf", str(gguf), "--prompt-ids", ",".join(map(str, prompt_ids()))]
+    cmd = [python, __file__, "--worker", spec, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
@@ -169,9 +151,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--schemes", default="fp8,none", help="comma-separated quantization schemes of ours")
+    ap.add_argument("--schemes", default="fp8,fp8-weight-only,none", help="comma-separated quantization schemes of ours")
+    ap.add_argument("--peers", help="llama.cpp peers directory (bench/peers.py; default $FP8_TURBO_PEERS or "
+                                    "~/.cache/fp8-turbo-peers)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama-cpp-python out")
+    ap.add_argument("--no-transformers", action="store_true", help="leave transformers out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
@@ -181,37 +168,42 @@ def main() -> None:
         elif kind == "transformers":
             result = worker_transformers(args.new_tokens, args.runs)
         else:
-            result = worker_llama_cpp(arg, args.new_tokens, args.runs)
+            ids = [int(t) for t in args.prompt_ids.split(",")]
+            result = worker_llama_cpp(arg, args.gguf, ids, args.new_tokens, args.runs)
         print(json.dumps(result))
         return
 
-    specs = [f"ours:{s}" for s in args.schemes.split(",")] + ["transformers"]
+    peers = None if args.no_llama_cpp else peer_tools.find(args.peers)
+    specs = [f"ours:{s}" for s in args.schemes.split(",")] + ([] if args.no_transformers else ["transformers"])
     if not args.no_llama_cpp:
         specs += ["llama_cpp:Q8_0", "llama_cpp:Q4_1"]
     rows = []
     for spec in specs:
         print(f"running {spec} ...", file=sys.stderr)
-        r = run_worker(spec, args)
+        r = run_worker(spec, args, peers)
         if r is not None:
             r["spec"], r["tok_s"] = spec, statistics.median(r["rates"])
             rows.append(r)
     by_spec = {r["spec"]: r for r in rows}
     base = by_spec.get("transformers", {}).get("tok_s")
     none = by_spec.get("ours:none", {}).get("tok_s")
+    q8 = by_spec.get("llama_cpp:Q8_0", {}).get("tok_s")
     for r in rows:
         r["vs_transformers"] = r["tok_s"] / base if base else None
         r["vs_ours_none"] = r["tok_s"] / none if none else None
+        r["vs_llama_cpp_q8_0"] = r["tok_s"] / q8 if q8 else None
 
     where = machine()
+    build = peers.build() if peers is not None and q8 else None
     print(f"\nSingle-stream decode, SmolLM2-135M-Instruct, chat prompt, {args.new_tokens} greedy tokens, "
-          f"median of {args.runs}\nmachine: {where}\n")
-    print("| engine | tok/s (median) | runs | vs transformers | vs ours none | load s | peak RSS MB |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+          f"median of {args.runs}\nmachine: {where}" + (f"; llama.cpp build {build}" if build else "") + "\n")
+    print("| engine | tok/s (median) | runs | vs llama.cpp Q8_0 | vs transformers | vs ours none | load s | peak RSS MB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     fmt = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
     for r in rows:
         runs = ", ".join(f"{x:.1f}" for x in r["rates"])
-        print(f"| {r['engine']} | {r['tok_s']:.1f} | {runs} | {fmt(r['vs_transformers'])} | {fmt(r['vs_ours_none'])} | "
-              f"{r['load_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        print(f"| {r['engine']} | {r['tok_s']:.1f} | {runs} | {fmt(r['vs_llama_cpp_q8_0'])} | {fmt(r['vs_transformers'])} | "
+              f"{fmt(r['vs_ours_none'])} | {r['load_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     if "ours:none" in by_spec and "transformers" in by_spec:
         same = by_spec["ours:none"]["tokens"] == by_spec["transformers"]["tokens"]
         print(f"\nours none (fp32) greedy tokens identical to transformers: {same}")
@@ -220,7 +212,8 @@ def main() -> None:
         print(f"peak RSS, fp8 vs none: {saved:+.0f} MB saved")
 
     OUT.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "generate", "machine": where, "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows}
+    result = {"benchmark": "generate", "machine": where, "llama_cpp_build": build, "new_tokens": args.new_tokens,
+              "runs": args.runs, "rows": rows}
     (OUT / "generate.json").write_text(json.dumps(result, indent=2))
     import matplotlib
 

@@ -1,10 +1,13 @@
 """Serving load: N concurrent streaming chat clients against the OpenAI-compatible server.
 
-Starts `fp8-turbo serve` (SmolLM2-135M-Instruct, FP8 by default) in a subprocess and, when
-llama-cpp-python is installed, llama-cpp-python's server on the same GGUF, then for each client count
-runs `clients x requests-per-client` streaming chat requests over a fixed prompt set (greedy,
-`max_tokens` new tokens). Reports requests/s, output tok/s (aggregate), time to first token and
-inter-token latency (p50/p99), as a markdown table, bench/out/serve.json and bench/out/serve.png.
+Starts `fp8-turbo serve` (SmolLM2-135M-Instruct, FP8 by default) in a subprocess and, when the peers
+directory has it (bench/peers.py: --peers DIR or $FP8_TURBO_PEERS), llama.cpp's own `llama-server` on
+the Q8_0 GGUF with one slot per client (`-np`), then for each client count runs `clients x
+requests-per-client` streaming chat requests over a fixed prompt set (greedy, `max_tokens` new tokens,
+EOS ignored by both). Reports requests/s, output tok/s (aggregate), time to first token and
+inter-token latency (p50/p99), as a markdown table, bench/out/serve.json and bench/out/serve.png; and,
+in the same run, the engine's in-process single-stream rate on the same requests, which one streaming
+client should come close to (the server's own cost per token).
 
     .venv/bin/python bench/serve.py [--clients 1,8,32,64] [--requests-per-client 2] [--max-tokens 128]
     .venv/bin/python bench/serve.py --clients 1,2 --requests-per-client 1 --max-tokens 8   # smoke run
@@ -13,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +28,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers as peer_tools  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +47,7 @@ PROMPTS = [
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{peer_tools.cpu()}, Python {platform.python_version()}"
 
 
 def free_port() -> int:
@@ -50,8 +56,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], url: str, log: Path, timeout: float) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+def start(cmd: list[str], url: str, log: Path, timeout: float, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -115,11 +121,11 @@ async def run_load(url: str, model: str, clients: int, per_client: int, max_toke
             "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99)}
 
 
-def bench_server(name: str, cmd: list[str], model: str, args, extra: dict) -> list[dict]:
+def bench_server(name: str, cmd: list[str], model: str, args, extra: dict, env: dict | None = None) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     OUT.mkdir(parents=True, exist_ok=True)
-    proc = start(cmd + ["--port", str(port)], url, OUT / f"serve_{name}.log", args.startup_timeout)
+    proc = start(cmd + ["--port", str(port)], url, OUT / f"serve_{name}.log", args.startup_timeout, env)
     rows = []
     try:
         asyncio.run(run_load(url, model, 1, 1, 4, extra))  # warm-up
@@ -175,6 +181,24 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def in_process_rate(args) -> float:
+    """The engine in this process, one request at a time over the 1-client request sequence (chat
+    template, greedy, max_tokens, EOS ignored): output tok/s, median of the requests."""
+    from fp8_turbo import LLM, SamplingParams
+
+    llm = LLM(args.model, quantization=args.quantization, device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.chat([{"role": "user", "content": PROMPTS[0]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    rates = []
+    for k in range(max(args.requests_per_client, 3)):
+        llm.engine.block_manager.enable_prefix_caching = False
+        t0 = time.perf_counter()
+        out = llm.chat([{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}], params)
+        rates.append(len(out[0].outputs[0].token_ids) / (time.perf_counter() - t0))
+    llm.shutdown()
+    return statistics.median(rates)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
@@ -183,33 +207,50 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--quantization", default="fp8")
     p.add_argument("--startup-timeout", type=float, default=600)
-    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python even when installed")
+    p.add_argument("--peers", help="llama.cpp peers directory (bench/peers.py)")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-server even when the peers have it")
+    p.add_argument("--no-in-process", action="store_true", help="skip the in-process single-stream reference")
     args = p.parse_args()
 
-    from fp8_turbo.engine.checkpoints.source import resolve_model
-
-    gguf = resolve_model(args.model).path
     ours = [sys.executable, "-m", "fp8_turbo", "serve", "--model", args.model, "--quantization", args.quantization,
             "--served-model-name", "bench"]
     print(f"fp8-turbo server ({args.model}, {args.quantization}); {machine()}", flush=True)
     # ignore_eos: every request produces exactly max_tokens, so both servers do the same work.
     rows = bench_server("fp8-turbo", ours, "bench", args, {"ignore_eos": True})
-    note = None
-    if args.no_llama_cpp or importlib.util.find_spec("llama_cpp") is None:
-        note = "llama-cpp-python not installed (pip install 'llama-cpp-python[server]'): peer skipped"
-    elif str(gguf).endswith(".gguf"):
-        peer = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", "4096",
-                "--model_alias", "bench", "--host", "127.0.0.1"]
-        rows += bench_server("llama.cpp", peer, "bench", args, {})  # llama.cpp stops at EOS: see output_tokens
+    note, build = None, None
+    peers = None if args.no_llama_cpp else peer_tools.find(args.peers)
+    server = peers.binary("llama-server") if peers is not None else None
+    if args.no_llama_cpp:
+        note = "llama-server skipped (--no-llama-cpp)"
+    elif server is None or peers.q8_0 is None:
+        note = "no llama-server / Q8_0 GGUF in the peers directory (bench/peers.py): peer skipped"
+    else:
+        slots = max(args.clients)
+        peer = [str(server), "-m", str(peers.q8_0), "--host", "127.0.0.1", "--alias", "bench", "-np", str(slots),
+                "-c", str(slots * 1024), "-t", str(os.cpu_count())]
+        rows += bench_server("llama.cpp", peer, "bench", args, {"ignore_eos": True}, env=peers.env())
+        build = peers.build()
+    in_process = None if args.no_in_process else in_process_rate(args)
 
     print()
     print(table(rows))
+    one = next((r for r in rows if r["server"] == "fp8-turbo" and r.get("clients") == 1 and "error" not in r), None)
+    if in_process and one:
+        print(f"\n1 streaming client: {one['output_tok_per_s']:.1f} tok/s = {one['output_tok_per_s'] / in_process:.0%} of "
+              f"the engine in-process ({in_process:.1f} tok/s, same requests)")
+    for clients in args.clients:
+        ours = next((r for r in rows if r["server"] == "fp8-turbo" and r.get("clients") == clients and "error" not in r), None)
+        peer = next((r for r in rows if r["server"] == "llama.cpp" and r.get("clients") == clients and "error" not in r), None)
+        if ours and peer:
+            print(f"{clients} clients: fp8-turbo / llama-server = {ours['output_tok_per_s'] / peer['output_tok_per_s']:.2f}x")
+    if build:
+        print(f"llama-server build {build}")
     if note:
         print(f"\n{note}")
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "model": args.model, "quantization": args.quantization,
               "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client, "note": note,
-              "rows": rows}
+              "llama_cpp_build": build, "in_process_tok_per_s": in_process, "rows": rows}
     (OUT / "serve.json").write_text(json.dumps(result, indent=2))
     plot(rows, OUT / "serve.png")
     print(f"\nwrote {OUT / 'serve.json'} and {OUT / 'serve.png'}")

@@ -6,10 +6,12 @@ torch.profiler (CPU). Each operator's self time is put into one bucket by its na
 is the step's wall time minus all operator time (scheduling, metadata, bookkeeping, dispatch). Our C++
 kernels (kernels/cpu) are pybind calls that torch.profiler does not see: during the profiled steps each
 launcher is wrapped in a record_function named after it, so their time lands in its bucket too.
-Profiling inflates tiny ops, so the wall time without the profiler is measured too. Prints a table per
-scheme, writes JSON + PNG to bench/out/.
+Profiling inflates tiny ops, so the wall time without the profiler is measured too. Each scheme runs
+on the native CPU step (one C++ call for all layers: its own bucket) and on the module path
+(FP8_TURBO_NATIVE_STEP=0: one kernel call per op), so one run shows before and after. Prints a table,
+writes JSON + PNG to bench/out/.
 
-    .venv/bin/python bench/step_profile.py [--schemes none,fp8] [--batch 1] [--steps 32]
+    .venv/bin/python bench/step_profile.py [--schemes none,fp8] [--batch 1] [--steps 32] [--paths native,module]
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import contextlib
 import importlib
 import json
 import os
-import platform
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,11 +30,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from fp8_turbo import LLM, SamplingParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers as peer_tools  # noqa: E402  (the CPU's name and ISA)
+
 OUT = Path(__file__).parent / "out"
 PROMPT = [{"role": "user", "content": "Explain in a few paragraphs why the sky is blue."}]
 
 # operator name (substring, lower case) -> bucket; the first match wins
 BUCKETS = (
+    ("native step (all layers)", ("native_step",)),
     ("gemm", ("addmm", "aten::mm", "matmul", "aten::linear", "bmm", "fp8_gemm", "fp8_linear", "dense_gemm",
               "dense_linear")),
     ("attention", ("attention", "softmax", "index_select", "write_kv", "paged")),
@@ -51,7 +57,7 @@ def bucket(name: str) -> str:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{peer_tools.cpu()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def start_decoding(llm: LLM, batch: int) -> None:
@@ -71,12 +77,14 @@ CPU_LAUNCHERS = (
     ("fp8_turbo.kernels.cpu.gemm", ("fp8_linear", "dense_linear", "fp8_gemm", "quantize_fp8")),
     ("fp8_turbo.kernels.cpu.attention", ("paged_attention_decode", "paged_attention_prefill", "write_kv")),
     ("fp8_turbo.kernels.cpu.ops", ("rms_norm", "rotary_", "silu_mul")),
+    ("fp8_turbo.engine.model.native_step", ("native_step_call",)),
 )
 
 
 @contextlib.contextmanager
 def labelled_cpu_kernels():
-    """Wrap each launcher of CPU_LAUNCHERS in record_function("cpu::<name>") for the duration."""
+    """Wrap each launcher of CPU_LAUNCHERS in record_function("cpu::<name>") for the duration (the native
+    step's call is NativeStep.__call__)."""
     saved = []
     for module_name, names in CPU_LAUNCHERS:
         try:
@@ -84,7 +92,8 @@ def labelled_cpu_kernels():
         except ImportError:
             continue
         for name in names:
-            fn = getattr(module, name, None)
+            owner, attr = (getattr(module, "NativeStep", None), "__call__") if name == "native_step_call" else (module, name)
+            fn = getattr(owner, attr, None) if owner is not None else None
             if fn is None:
                 continue
 
@@ -92,16 +101,17 @@ def labelled_cpu_kernels():
                 with record_function(_label):
                     return _fn(*args, **kwargs)
 
-            saved.append((module, name, fn))
-            setattr(module, name, labelled)
+            saved.append((owner, attr, fn))
+            setattr(owner, attr, labelled)
     try:
         yield
     finally:
-        for module, name, fn in reversed(saved):
-            setattr(module, name, fn)
+        for owner, attr, fn in reversed(saved):
+            setattr(owner, attr, fn)
 
 
-def profile_scheme(scheme: str, batch: int, steps: int) -> dict:
+def profile_scheme(scheme: str, batch: int, steps: int, path: str) -> dict:
+    os.environ["FP8_TURBO_NATIVE_STEP"] = "1" if path == "native" else "0"
     llm = LLM("smollm2-135m-instruct", quantization=scheme, device="cpu")
     start_decoding(llm, batch)
     for _ in range(4):  # warm-up
@@ -124,7 +134,8 @@ def profile_scheme(scheme: str, batch: int, steps: int) -> dict:
         calls += evt.count
     op_ms = sum(times.values())
     times["host (Python)"] = max(prof_wall_ms - op_ms, 0.0)
-    return {"scheme": scheme, "batch": batch, "wall_ms": wall_ms, "profiled_wall_ms": prof_wall_ms,
+    llm.shutdown()
+    return {"scheme": scheme, "path": path, "batch": batch, "wall_ms": wall_ms, "profiled_wall_ms": prof_wall_ms,
             "ops_per_step": calls / steps, "ms": dict(times)}
 
 
@@ -133,17 +144,21 @@ def main() -> None:
     ap.add_argument("--schemes", default="none,fp8")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--paths", default="native,module", help="native (one C++ call per step) and/or module "
+                                                              "(FP8_TURBO_NATIVE_STEP=0)")
     ap.add_argument("--tag", default="", help="suffix of the output files (e.g. 'before')")
     args = ap.parse_args()
-    rows = [profile_scheme(s, args.batch, args.steps) for s in args.schemes.split(",")]
+    rows = [profile_scheme(s, args.batch, args.steps, path) for s in args.schemes.split(",")
+            for path in args.paths.split(",")]
 
     labels = [b for b, _ in BUCKETS] + ["other ops", "host (Python)"]
     print(f"\nDecode step breakdown, SmolLM2-135M, batch {args.batch}, {args.steps} steps; machine: {machine()}\n")
-    print("| scheme | step ms (no profiler) | step ms (profiled) | ops/step | " + " | ".join(labels) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(labels))
+    print("| scheme | path | step ms (no profiler) | step ms (profiled) | ops/step | " + " | ".join(labels) + " |")
+    print("|---|---|---:|---:|---:|" + "---:|" * len(labels))
     for r in rows:
         cells = " | ".join(f"{r['ms'].get(b, 0.0):.2f}" for b in labels)
-        print(f"| {r['scheme']} | {r['wall_ms']:.2f} | {r['profiled_wall_ms']:.2f} | {r['ops_per_step']:.0f} | {cells} |")
+        print(f"| {r['scheme']} | {r['path']} | {r['wall_ms']:.2f} | {r['profiled_wall_ms']:.2f} | {r['ops_per_step']:.0f} "
+              f"| {cells} |")
 
     OUT.mkdir(parents=True, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
@@ -158,7 +173,7 @@ def main() -> None:
     left = [0.0] * len(rows)
     for b in labels:
         vals = [r["ms"].get(b, 0.0) for r in rows]
-        ax.barh([r["scheme"] for r in rows], vals, left=left, label=b)
+        ax.barh([f"{r['scheme']} ({r['path']})" for r in rows], vals, left=left, label=b)
         left = [x + v for x, v in zip(left, vals)]
     ax.set_xlabel("ms per decode step (profiled)")
     ax.set_title(f"SmolLM2-135M decode step, batch {args.batch}, {os.cpu_count()} CPU cores")
