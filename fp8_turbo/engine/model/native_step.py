@@ -19,16 +19,22 @@ from fp8_turbo.engine.model.module_version import model_version
 from fp8_turbo.kernels.cpu import step as native
 from fp8_turbo.kernels.cpu.gemm import selected_isa
 
-# scheme -> the step's activation handling (kernels/cpu/step.py ACT); schemes not listed run the module path
-_ACT = {"none": None, "fp8": "token", "fp8-tensor": "tensor", "fp8-block": "group", "fp8-weight-only": None}
+def _activations(m: Linear) -> tuple[str | None, int, bool]:
+    """(granularity, group along K, power-of-two scales) of a quantized layer's activations."""
+    spec = getattr(m, "spec", None)  # the scheme table, where Linear has one
+    if spec is not None:
+        return spec.act, spec.group, spec.act_pow2
+    return m.act_granularity, 128, False
 
 
 def _linear(m: Linear):
-    """The step's view of one linear layer (weights as the module path's CPU kernels read them)."""
-    act = _ACT[m.scheme]
+    """The step's view of one linear layer (weights and activation handling as the module path's CPU
+    kernels take them: Linear.forward's fp8_linear / dense_linear call)."""
+    ext = native.extension()
     if m.scheme == "none":
-        return native.extension().Linear(m.weight, None, native.ACT[None], None, m.bias)
-    return native.extension().Linear(m.weight_fp8, m.weight_scale, native.ACT[act], m.input_scale, m.bias)
+        return ext.Linear(m.weight, None, native.ACT[None], None, m.bias, 128, False)
+    act, group, pow2 = _activations(m)
+    return ext.Linear(m.weight_fp8, m.weight_scale, native.ACT[act], m.input_scale, m.bias, group, pow2)
 
 
 def unsupported(model) -> str | None:
@@ -44,14 +50,14 @@ def unsupported(model) -> str | None:
         return f"head_dim {cfg.head_dim} (a multiple of 8)"
     for m in model.modules():
         if isinstance(m, Linear):
-            if m.scheme not in _ACT:
-                return f"{m.name}: scheme {m.scheme}"
             if m.scheme == "none":
                 if m.weight is None or m.weight.dtype not in (torch.float32, torch.bfloat16):
                     return f"{m.name}: weight dtype"
+            elif _activations(m)[0] not in native.ACT:
+                return f"{m.name}: activations {_activations(m)[0]}"
             elif m.weight_fp8 is None or m.weight is not None:
                 return f"{m.name}: FP8 weights not on the CPU kernels"
-            elif m.input_scale is not None and _ACT[m.scheme] != "tensor":
+            elif m.input_scale is not None and _activations(m)[0] != "tensor":
                 return f"{m.name}: a static input scale with {m.scheme}"
         if getattr(m, "kv_observer", None) is not None:
             return "KV-scale calibration is observing the layers"

@@ -287,10 +287,132 @@ void gemm_panel(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel, V8*
   }
 }
 
+#if FP8T_ISA == 2
+// AVX-512 panels: weight rows in pairs, interleaved by 8 floats (pair q, chunk c of 8 k: row 2q's
+// 8 values then row 2q+1's), so one zmm load holds both rows' chunk and each zmm accumulator carries
+// two rows' 8 lanes. Every lane adds the same products in the same order as the ymm panel (and the
+// small-M path), with the same per-k_step scale fmas: the same bits, at twice the FMAs per instruction.
+constexpr int kPairTileM = 4, kPairTileP = 6;  // 24 zmm accumulators + 4 broadcasts + 1 weight of 32
+
+// z[r][q] += a[r][k0 .. k1) * rows of pairs wp[q], in k order (16 per step: the low 8, then the high 8).
+template <int MR, int NP>
+FP8T_INLINE void dot_pairs(const float* const (&a)[MR], const float* const (&wp)[NP], int64_t k0, int64_t k1,
+                           __m512 (&z)[MR][NP]) {
+  for (int64_t k = k0; k < k1; k += 8) {
+    __m512 av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = _mm512_broadcast_f32x8(_mm256_loadu_ps(a[r] + k));
+    for (int q = 0; q < NP; ++q) {
+      const __m512 w = _mm512_loadu_ps(wp[q] + 2 * k);
+      for (int r = 0; r < MR; ++r) z[r][q] = _mm512_fmadd_ps(av[r], w, z[r][q]);
+    }
+  }
+}
+
+// One MR x (2 NP) tile (rows m.., weight rows nb + j .., j even) over one K block of the pair panel,
+// its state in `state` V8 [M, panel_rows] as panel_tile keeps it; the scales as `accumulate` does.
+template <int MR, int NP>
+__attribute__((noinline)) void panel_tile_pairs(const Gemm& g, int64_t m, int64_t nb, int64_t j, const float* panel,
+                                                int64_t kc0, int64_t klen, bool first, float rescale, V8* state) {
+  const float* a[MR];
+  const float* wp[NP];
+  for (int r = 0; r < MR; ++r) a[r] = g.a + (m + r) * g.lda + kc0;
+  for (int q = 0; q < NP; ++q) wp[q] = panel + (j / 2 + q) * 2 * g.panel_k;
+  V8* s = state + m * g.panel_rows + j;
+  __m512 z[MR][NP];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NP; ++q)
+      z[r][q] = first ? _mm512_setzero_ps()
+                      : _mm512_insertf32x8(_mm512_castps256_ps512(s[r * g.panel_rows + 2 * q].x),
+                                           s[r * g.panel_rows + 2 * q + 1].x, 1);
+  if (!g.scales_along_k) {
+    dot_pairs<MR, NP>(a, wp, 0, klen, z);
+  } else {
+    for (int64_t k = 0; k < klen; k += g.k_step) {
+      __m512 p[MR][NP];
+      for (int r = 0; r < MR; ++r)
+        for (int q = 0; q < NP; ++q) p[r][q] = _mm512_setzero_ps();
+      dot_pairs<MR, NP>(a, wp, k, std::min(k + g.k_step, klen), p);
+      const int64_t kg = kc0 + k;
+      for (int r = 0; r < MR; ++r)
+        for (int q = 0; q < NP; ++q) {
+          const float s0 = (g.as.at(m + r, kg) * g.ws.at(nb + j + 2 * q, kg)) * rescale;
+          const int64_t n1 = std::min(nb + j + 2 * q + 1, g.N - 1);  // (a missing second row: any scale)
+          const float s1 = (g.as.at(m + r, kg) * g.ws.at(n1, kg)) * rescale;
+          const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+          z[r][q] = _mm512_fmadd_ps(p[r][q], sv, z[r][q]);
+        }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NP; ++q) {
+      s[r * g.panel_rows + 2 * q].x = _mm512_castps512_ps256(z[r][q]);
+      s[r * g.panel_rows + 2 * q + 1].x = _mm512_extractf32x8_ps(z[r][q], 1);
+    }
+}
+
+template <int MR>
+FP8T_INLINE void pair_tiles(const Gemm& g, int64_t m, int64_t nb, int64_t pairs, const float* panel, int64_t kc0,
+                            int64_t klen, bool first, float rescale, V8* state) {
+  int64_t q = 0;
+  for (; q + kPairTileP <= pairs; q += kPairTileP)
+    panel_tile_pairs<MR, kPairTileP>(g, m, nb, 2 * q, panel, kc0, klen, first, rescale, state);
+  for (; q < pairs; ++q) panel_tile_pairs<MR, 1>(g, m, nb, 2 * q, panel, kc0, klen, first, rescale, state);
+}
+
+// gemm_panel with the pair panel (panel_rows even). A missing second row of the last pair reads zeros
+// and its state slot (inside [M, panel_rows]) is never finished.
+template <int WT>
+void gemm_panel_pairs(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel, V8* state) {
+  constexpr int64_t es = elem_size<WT>();
+  const char* wb = static_cast<const char*>(g.w);
+  const int64_t nc = g.panel_rows, kc = g.panel_k;
+  for (int64_t nb = n_begin; nb < n_end; nb += nc) {
+    const int64_t rows = std::min(nc, n_end - nb), pairs = (rows + 1) / 2;
+    for (int64_t kc0 = 0; kc0 < g.Kp; kc0 += kc) {
+      const int64_t klen = std::min(kc, g.Kp - kc0);
+      for (int64_t r = 0; r < 2 * pairs; ++r) {  // decode the block, zero-padding the last chunk of K
+        float* dst = panel + (r / 2) * 2 * kc + (r % 2) * 8;
+        if (r == rows) {
+          for (int64_t k = 0; k < klen; k += 8) V8::zero().store(dst + 2 * k);
+          continue;
+        }
+        const char* src = wb + (nb + r) * g.ldw * es;
+        for (int64_t k = 0; k < klen; k += 16) {
+          const int64_t gk = kc0 + k;
+          V8 lo, hi;
+          if (gk + 16 <= g.K) {
+            load_w16<WT>(src, gk, lo, hi);
+          } else {
+            alignas(64) unsigned char buf[64] = {};
+            std::memcpy(buf, src + gk * es, (g.K - gk) * es);
+            load_w16<WT>(buf, 0, lo, hi);
+          }
+          lo.store(dst + 2 * k), hi.store(dst + 2 * k + 16);
+        }
+      }
+      const bool first = kc0 == 0;
+      int64_t m = 0;
+      for (; m + kPairTileM <= g.M; m += kPairTileM) pair_tiles<kPairTileM>(g, m, nb, pairs, panel, kc0, klen, first, rescale_of<WT>(), state);
+      for (; m < g.M; ++m) pair_tiles<1>(g, m, nb, pairs, panel, kc0, klen, first, rescale_of<WT>(), state);
+    }
+    for (int64_t m = 0; m < g.M; ++m) finish_row(g, m, nb, rows, state + m * nc, rescale_of<WT>());
+  }
+}
+#endif
+
 // The whole GEMM on weight rows [n_begin, n_end) (one thread's share); panel == nullptr: small M.
 // state: V8 [M, panel_rows] (panel path only).
 inline void gemm_range(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel, float* state) {
   V8* st = reinterpret_cast<V8*>(state);
+#if FP8T_ISA == 2
+  if (panel && g.panel_rows % 2 == 0) {
+    switch (g.wtype) {
+      case W_E4M3: return gemm_panel_pairs<W_E4M3>(g, n_begin, n_end, panel, st);
+      case W_BF16: return gemm_panel_pairs<W_BF16>(g, n_begin, n_end, panel, st);
+      default: return gemm_panel_pairs<W_F32>(g, n_begin, n_end, panel, st);
+    }
+  }
+#endif
   switch (g.wtype) {
     case W_E4M3: return panel ? gemm_panel<W_E4M3>(g, n_begin, n_end, panel, st) : gemv<W_E4M3>(g, n_begin, n_end);
     case W_BF16: return panel ? gemm_panel<W_BF16>(g, n_begin, n_end, panel, st) : gemv<W_BF16>(g, n_begin, n_end);

@@ -30,11 +30,17 @@ namespace fp8t {
 constexpr int64_t kPanelRows = 24, kPanelK = 768;  // gemm.cpp's blocking of the larger-M GEMM path
 constexpr int64_t kPrivateRows = 4;  // up to this many rows, each thread does the row phases itself (step_kernel.h)
 
-// One linear layer as the step runs it (kernels/cpu/step.py builds it from a model's Linear).
+// One linear layer as the step runs it (kernels/cpu/step.py builds it from a model's Linear), with
+// gemm.cpp linear()'s reading of its scales.
 struct StepLinear {
   at::Tensor w, w_scale, bias, input_scale;  // kept alive while the step holds the pointers
   int wtype = W_F32;
-  int act = A_NONE;  // A_NONE (the fp32 input as it is), A_TOKEN, A_TENSOR, A_GROUP (1x128)
+  int act = A_NONE;  // A_NONE (the fp32 input as it is), A_TOKEN, A_TENSOR, A_GROUP
+  int64_t act_group = SCALE_BLOCK;  // A_GROUP: K extent of one activation scale
+  bool act_pow2 = false;            // activation scales rounded up to powers of two (MXFP8)
+  int act_kind = S_NONE;            // how gemm.cpp's scale_of reads the activation scales (see below)
+  int act_shift = 7;
+  int64_t act_cols = 1;             // activation scales per row
   Scale ws;
   const float* bias_p = nullptr;
   bool has_static_scale = false;  // A_TENSOR with a given input scale
@@ -42,22 +48,35 @@ struct StepLinear {
   int64_t N = 0, K = 0, Kp = 0, ldw = 0;
 
   StepLinear(at::Tensor w_in, c10::optional<at::Tensor> w_scale_in, int64_t act_in,
-             c10::optional<at::Tensor> input_scale_in, c10::optional<at::Tensor> bias_in) {
+             c10::optional<at::Tensor> input_scale_in, c10::optional<at::Tensor> bias_in, int64_t act_group_in,
+             bool act_pow2_in) {
     TORCH_CHECK(w_in.dim() == 2 && w_in.stride(1) == 1 && w_in.device().is_cpu(), "step linear: weight [N, K] on CPU");
     w = w_in, N = w.size(0), K = w.size(1), Kp = cdiv(K, 16) * 16, ldw = w.stride(0);
     TORCH_CHECK(act_in == A_NONE || act_in == A_TOKEN || act_in == A_TENSOR || act_in == A_GROUP,
                 "step linear: act ", act_in);
-    act = int(act_in);
+    act = int(act_in), act_group = act_group_in, act_pow2 = act_pow2_in;
+    TORCH_CHECK(act != A_GROUP || (act_group >= MIN_GROUP && act_group <= MAX_GROUP && (act_group & (act_group - 1)) == 0),
+                "step linear: act_group ", act_group);
     if (w.scalar_type() == at::kFloat8_e4m3fn) {
       TORCH_CHECK(w_scale_in.has_value(), "step linear: e4m3 weights need a scale");
       wtype = W_E4M3;
-      w_scale = w_scale_in->to(at::kFloat).contiguous();
+      w_scale = w_scale_in->scalar_type() == at::kFloat8_e8m0fnu ? w_scale_in->contiguous()
+                                                                   : w_scale_in->to(at::kFloat).contiguous();
       ws = scale_of(w_scale, N, K, "w_scale");
     } else {
       TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat, "step linear: weight dtype ",
                   w.scalar_type());
       TORCH_CHECK(!w_scale_in.has_value() && act == A_NONE, "step linear: bf16/fp32 weights take fp32 activations");
       wtype = w.scalar_type() == at::kBFloat16 ? W_BF16 : W_F32;
+    }
+    // linear() hands scale_of the activation scales [M, 1] (token), [1] (tensor) or [M, cdiv(K, g)]
+    // (group): one scale per row is read as per-row (constant along K), several as 1 x group_of(...).
+    if (act == A_TOKEN) act_kind = S_ROW;
+    if (act == A_TENSOR) act_kind = S_TENSOR;
+    if (act == A_GROUP) {
+      act_cols = cdiv(K, act_group);
+      act_kind = act_cols == 1 ? S_ROW : S_GROUP;
+      if (act_cols > 1) act_shift = log2_of(group_of(K, act_cols));
     }
     if (input_scale_in.has_value()) {
       TORCH_CHECK(act == A_TENSOR && input_scale_in->numel() == 1, "step linear: a static input scale is per-tensor");
@@ -265,7 +284,7 @@ void StepModel::reserve(int64_t rows, int64_t max_len, int nt) {
   w.blocks.clear();
   int64_t kp_max = cdiv(std::max({hidden, q_size, inter}), 16) * 16;
   const int64_t ld_tmp = std::max({hidden, q_size, inter});
-  const int64_t scale_cols = cdiv(std::max({hidden, q_size, inter}), SCALE_BLOCK);
+  const int64_t scale_cols = cdiv(std::max({hidden, q_size, inter}), MIN_GROUP);
   auto row_buffers = [&](RowBuffers& rb, int64_t n) {
     rb.x = w.take(n * hidden), rb.h = w.take(n * hidden), rb.tmp = w.take(n * ld_tmp), rb.ld_tmp = ld_tmp;
     rb.a = w.take(n * kp_max), rb.as = w.take(n * scale_cols);
@@ -360,7 +379,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "fp8-turbo native CPU decoder step (see kernels/cpu/step.py)";
   py::class_<fp8t::StepLinear>(m, "Linear")
-      .def(py::init<at::Tensor, c10::optional<at::Tensor>, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>>());
+      .def(py::init<at::Tensor, c10::optional<at::Tensor>, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                    int64_t, bool>());
   py::class_<fp8t::StepLayer>(m, "Layer")
       .def(py::init<fp8t::StepLinear, fp8t::StepLinear, fp8t::StepLinear, fp8t::StepLinear, at::Tensor, at::Tensor>());
   py::class_<fp8t::StepModel>(m, "Model")

@@ -4,11 +4,12 @@ every layer, the final norm and the lm_head, in one call.
 A model is described once, as plain tensors (fp8_turbo/engine/model/native_step.py builds it from a
 LlamaModel):
 
-    Linear(weight, weight_scale, act, input_scale, bias)
-        weight [N, K] e4m3 (with weight_scale [1] | [N, 1] | [N/128, K/128] | [N, K/128]), bf16 or fp32;
-        act: ACT[None] (the fp32 input as it is: dense and weight-only layers), ACT["token"],
-        ACT["tensor"] (dynamic, or static with input_scale [1]) or ACT["group"] (1x128): the
-        quantization of kernels/cpu/gemm.py's fp8_linear.
+    Linear(weight, weight_scale, act, input_scale, bias, act_group, act_pow2)
+        weight [N, K] e4m3 with weight_scale in any layout kernels/cpu/gemm.py takes ([1], [N, 1],
+        [N/128, K/128], [N, K/g] fp32 or E8M0), or bf16 / fp32 (scale None); act: ACT[None] (the fp32
+        input as it is: dense and weight-only layers), ACT["token"], ACT["tensor"] (dynamic, or static
+        with input_scale [1]) or ACT["group"] (1 x act_group); act_pow2: power-of-two activation scales
+        (MXFP8). The quantization of fp8_linear, bit for bit.
     Layer(qkv, o, gate_up, down, input_norm, post_norm)        norms: fp32 [hidden]
     Model(hidden, heads, kv_heads, head_dim, intermediate, eps, sm_scale, embed, embed_scale,
           final_norm, lm_head, layers)

@@ -44,7 +44,8 @@ FP8T_INLINE void quantize_row(const float* x, int64_t n, int64_t np, float scale
 }
 
 // Rows [r0, r1) of src (fp32 [., lds]) -> the activation rows a [., Kp] of layer L and their scales
-// `as` (per token [T] or per 128-group [T, K/128]); `tensor_scale` for A_TENSOR.
+// `as` (per token [T] or per group [T, act_cols]); `tensor_scale` for A_TENSOR. gemm_kernel.h
+// quantize_rows' values (scales rounded up to powers of two for MXFP8).
 inline void prepare_rows(const StepLinear& L, const float* src, int64_t lds, int64_t r0, int64_t r1,
                          float tensor_scale, float* a, float* as) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -52,18 +53,19 @@ inline void prepare_rows(const StepLinear& L, const float* src, int64_t lds, int
     float* q = a + r * L.Kp;
     switch (L.act) {
       case A_TOKEN: {
-        const float s = compute_scale(amax_row(x, L.K));
+        float s = compute_scale(amax_row(x, L.K));
+        if (L.act_pow2) s = pow2_scale(s);
         as[r] = s;
         quantize_row(x, L.K, L.Kp, s, q);
         break;
       }
       case A_TENSOR: quantize_row(x, L.K, L.Kp, tensor_scale, q); break;
       case A_GROUP: {
-        const int64_t groups = cdiv(L.K, SCALE_BLOCK);
-        for (int64_t gi = 0; gi < groups; ++gi) {
-          const int64_t k0 = gi * SCALE_BLOCK, len = std::min(SCALE_BLOCK, L.K - k0);
-          const float s = compute_scale(amax_row(x + k0, len));
-          as[r * groups + gi] = s;
+        for (int64_t gi = 0; gi < L.act_cols; ++gi) {
+          const int64_t k0 = gi * L.act_group, len = std::min(L.act_group, L.K - k0);
+          float s = compute_scale(amax_row(x + k0, len));
+          if (L.act_pow2) s = pow2_scale(s);
+          as[r * L.act_cols + gi] = s;
           quantize_row(x + k0, len, len, s, q + k0);
         }
         for (int64_t k = L.K; k < L.Kp; ++k) q[k] = 0.0f;
@@ -83,15 +85,12 @@ inline void gemm_share(const StepLinear& L, const float* a, const float* as, con
   Gemm g;
   g.a = a, g.lda = L.Kp, g.M = M, g.N = L.N, g.K = L.K, g.Kp = L.Kp;
   g.w = L.w.data_ptr(), g.ldw = L.ldw, g.wtype = L.wtype, g.ws = L.ws;
-  switch (L.act) {
-    case A_TOKEN: g.as.p = as, g.as.kind = S_ROW, g.as.stride = 1; break;
-    case A_GROUP:  // one group: [M, 1] scales, which gemm.cpp's scale_of reads as per-row (constant along K)
-      g.as.p = as, g.as.stride = cdiv(L.K, SCALE_BLOCK), g.as.kind = g.as.stride == 1 ? S_ROW : S_GROUP;
-      break;
-    case A_TENSOR: g.as.p = tensor_scale, g.as.kind = S_TENSOR; break;
-    default: break;
-  }
+  g.as.kind = L.act_kind;
+  if (L.act_kind == S_TENSOR) g.as.p = tensor_scale;
+  else if (L.act_kind != S_NONE) g.as.p = as, g.as.stride = L.act_cols, g.as.shift = L.act_shift;
   g.scales_along_k = g.as.along_k() || g.ws.along_k();
+  if (g.scales_along_k)  // linear()'s partial-sum extent: the smaller group (powers of two)
+    g.k_step = std::min(g.as.along_k() ? g.as.group() : MAX_GROUP, g.ws.along_k() ? g.ws.group() : MAX_GROUP);
   g.bias = L.bias_p, g.out_f32 = out, g.ldo = ldo;
   g.panel_rows = kPanelRows, g.panel_k = kPanelK;
   const bool panel = M > GEMV_MAX_M;
@@ -123,7 +122,8 @@ inline float tensor_scale_of(const StepLinear& L, const float* src, int64_t lds,
       m = parts[i] > m ? parts[i] : m;
     }
   }
-  return compute_scale(nan ? NAN : m);
+  const float s = compute_scale(nan ? NAN : m);
+  return L.act_pow2 ? pow2_scale(s) : s;
 }
 
 template <int KV>
