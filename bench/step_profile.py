@@ -7,7 +7,8 @@ is the step's wall time minus all operator time (scheduling, metadata, bookkeepi
 kernels (kernels/cpu) are pybind calls that torch.profiler does not see: during the profiled steps each
 launcher is wrapped in a record_function named after it, so their time lands in its bucket too.
 Profiling inflates tiny ops, so the wall time without the profiler is measured too. Each scheme runs
-on the native CPU step (one C++ call for all layers: its own bucket) and on the module path
+on the native CPU step (one C++ call for all layers, split into the buckets by its own phase clock;
+"barrier wait": its threads waiting for each other between phases) and on the module path
 (FP8_TURBO_NATIVE_STEP=0: one kernel call per op), so one run shows before and after. Prints a table,
 writes JSON + PNG to bench/out/.
 
@@ -29,6 +30,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from fp8_turbo import LLM, SamplingParams
+from fp8_turbo.engine.model.native_step import native_step
+from fp8_turbo.kernels.cpu.step import PHASES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers as peer_tools  # noqa: E402  (the CPU's name and ISA)
@@ -37,6 +40,10 @@ OUT = Path(__file__).parent / "out"
 PROMPT = [{"role": "user", "content": "Explain in a few paragraphs why the sky is blue."}]
 
 # operator name (substring, lower case) -> bucket; the first match wins
+# The native step's phases (kernels/cpu/step.py PHASES, its own clock) -> buckets; its call's time is
+# split between them in proportion.
+NATIVE_PHASES = {"rows": "norm/rotary/act", "gemm qkv": "gemm", "attention": "attention", "gemm o": "gemm",
+                 "gemm gate_up": "gemm", "gemm down": "gemm", "lm_head": "gemm", "wait": "barrier wait"}
 BUCKETS = (
     ("native step (all layers)", ("native_step",)),
     ("gemm", ("addmm", "aten::mm", "matmul", "aten::linear", "bmm", "fp8_gemm", "fp8_linear", "dense_gemm",
@@ -120,6 +127,10 @@ def profile_scheme(scheme: str, batch: int, steps: int, path: str) -> dict:
     for _ in range(steps):
         llm.engine.step()
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    native = native_step(llm.engine.model, torch.zeros(1, dtype=torch.int64)) if path == "native" else None
+    if native is not None:
+        native.step.profiling = True
+        native.step.phase_seconds(reset=True)
     with labelled_cpu_kernels(), profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -134,6 +145,14 @@ def profile_scheme(scheme: str, batch: int, steps: int, path: str) -> dict:
         calls += evt.count
     op_ms = sum(times.values())
     times["host (Python)"] = max(prof_wall_ms - op_ms, 0.0)
+    if native is not None:  # split the native call by its phase clock
+        phases = dict(zip(PHASES, native.step.phase_seconds(reset=True)))
+        native.step.profiling = False
+        total = sum(phases.values())
+        native_ms = times.pop("native step (all layers)", 0.0)
+        for phase, seconds in phases.items():
+            if total > 0:
+                times[NATIVE_PHASES[phase]] += native_ms * seconds / total
     llm.shutdown()
     return {"scheme": scheme, "path": path, "batch": batch, "wall_ms": wall_ms, "profiled_wall_ms": prof_wall_ms,
             "ops_per_step": calls / steps, "ms": dict(times)}
@@ -151,7 +170,7 @@ def main() -> None:
     rows = [profile_scheme(s, args.batch, args.steps, path) for s in args.schemes.split(",")
             for path in args.paths.split(",")]
 
-    labels = [b for b, _ in BUCKETS] + ["other ops", "host (Python)"]
+    labels = [b for b, _ in BUCKETS if b != "native step (all layers)"] + ["barrier wait", "other ops", "host (Python)"]
     print(f"\nDecode step breakdown, SmolLM2-135M, batch {args.batch}, {args.steps} steps; machine: {machine()}\n")
     print("| scheme | path | step ms (no profiler) | step ms (profiled) | ops/step | " + " | ".join(labels) + " |")
     print("|---|---|---:|---:|---:|" + "---:|" * len(labels))

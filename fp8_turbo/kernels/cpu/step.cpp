@@ -10,6 +10,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -29,6 +30,9 @@ namespace fp8t {
 
 constexpr int64_t kPanelRows = 24, kPanelK = 768;  // gemm.cpp's blocking of the larger-M GEMM path
 constexpr int64_t kPrivateRows = 4;  // up to this many rows, each thread does the row phases itself (step_kernel.h)
+
+// Phases of the step's optional clock (StepModel::profiling; names: kernels/cpu/step.py PHASES).
+enum Phase { P_ROWS = 0, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_WAIT, P_COUNT };
 
 // One linear layer as the step runs it (kernels/cpu/step.py builds it from a model's Linear), with
 // gemm.cpp linear()'s reading of its scales.
@@ -129,6 +133,7 @@ struct StepIn {
 struct Workspace {
   RowBuffers rows;
   float *qkv = nullptr, *attn = nullptr, *o = nullptr, *gate_up = nullptr, *down = nullptr, *parts = nullptr;
+  double phase_seconds[P_COUNT] = {};  // thread 0's wall time per phase while profiling
   std::vector<ThreadScratch> threads;
   int64_t cap_rows = -1, cap_len = -1;
   int cap_threads = -1;
@@ -156,6 +161,7 @@ struct StepModel {
   std::vector<at::Tensor> k_caches, v_caches;
   int kv_type = KV_F32;
   int64_t num_blocks = 0, block_size = 0, kv_block_stride = 0, kv_slot_stride = 0, kv_head_stride = 0;  // bytes
+  bool profiling = false;
   Workspace ws;
 
   StepModel(int64_t hidden_, int64_t heads_, int64_t kv_heads_, int64_t head_dim_, int64_t inter_, double eps_,
@@ -388,6 +394,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     at::Tensor, fp8t::StepLinear, std::vector<fp8t::StepLayer>>())
       .def("set_rotary", &fp8t::StepModel::set_rotary)
       .def("set_kv", &fp8t::StepModel::set_kv)
-      .def("step", &fp8t::StepModel::step);
+      .def("step", &fp8t::StepModel::step)
+      .def_readwrite("profiling", &fp8t::StepModel::profiling)
+      .def("phase_seconds", [](fp8t::StepModel& m, bool reset) {  // thread 0's seconds per phase, summed
+        std::vector<double> out(m.ws.phase_seconds, m.ws.phase_seconds + fp8t::P_COUNT);
+        if (reset) std::fill(m.ws.phase_seconds, m.ws.phase_seconds + fp8t::P_COUNT, 0.0);
+        return out;
+      }, pybind11::arg("reset") = true);
   m.def("best_isa", &fp8t::best_isa);
 }

@@ -32,6 +32,10 @@ invariant to the batch, the chunking, the thread count (`num_threads`) and the i
 Inputs are checked before any work (token ids, positions, slots, block ids, lengths, logits rows); a
 bad step raises RuntimeError and changes nothing.
 
+    model.profiling = True; model.phase_seconds(reset=True) -> [seconds per PHASES entry]
+        thread 0's wall time in each phase, summed over the steps since the last reset ("wait": at
+        the barriers between phases; "rows": norms, activation quantization, SiLU, the embedding).
+
 FP8_TURBO_NATIVE_STEP=0 turns the native step off (the module path runs).
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ import os
 from fp8_turbo.kernels.cpu import build
 
 ACT = {None: 1, "token": 2, "tensor": 3, "group": 4}  # gemm.cpp's Act codes the step takes
+PHASES = ("rows", "gemm qkv", "attention", "gemm o", "gemm gate_up", "gemm down", "lm_head", "wait")
 HEADERS = ["step_kernel.h", "gemm.cpp", "gemm_kernel.h", "attention_kernel.h", "attention_types.h",
            "ops_kernel.h", "ops_types.h", "common.h", "vec8.h", "vec8_math.h"]
 

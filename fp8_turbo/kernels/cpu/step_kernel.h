@@ -224,6 +224,21 @@ inline void split_rows(int64_t n, int tid, int nt, int64_t& r0, int64_t& r1) {
   r0 = std::min(n, tid * per), r1 = std::min(n, r0 + per);
 }
 
+// Thread 0's wall time per phase (StepModel::profiling): lap(p) adds the time since the last lap to p.
+struct PhaseClock {
+  double* acc = nullptr;  // [P_COUNT] seconds, or null (off)
+  std::chrono::steady_clock::time_point t;
+  explicit PhaseClock(double* a) : acc(a) {
+    if (acc) t = std::chrono::steady_clock::now();
+  }
+  FP8T_INLINE void lap(int phase) {
+    if (!acc) return;
+    const auto now = std::chrono::steady_clock::now();
+    acc[phase] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  }
+};
+
 template <int KV>
 void run_step_kv(const StepModel& m, const StepIn& in, Workspace& w, int nt) {
   const int64_t T = in.T, H = m.hidden, I = m.inter, N = in.N;
@@ -233,12 +248,20 @@ void run_step_kv(const StepModel& m, const StepIn& in, Workspace& w, int nt) {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     ThreadScratch& ts = w.threads[tid];
     RowBuffers& rb = priv ? ts.rows : w.rows;  // residual stream, norm output, activations, their scales
+    PhaseClock clock(tid == 0 && m.profiling ? w.phase_seconds : nullptr);
     int64_t r0 = 0, r1 = T;
     if (!priv) split_rows(T, tid, nth, r0, r1);
     auto sync_rows = [&] {
+      clock.lap(P_ROWS);
       if (!priv) {
 #pragma omp barrier
       }
+      clock.lap(P_WAIT);
+    };
+    auto sync = [&](int phase) {  // the end of a phase every thread takes part in
+      clock.lap(phase);
+#pragma omp barrier
+      clock.lap(P_WAIT);
     };
     float tensor_scale = 0.0f;
 
@@ -258,16 +281,16 @@ void run_step_kv(const StepModel& m, const StepIn& in, Workspace& w, int nt) {
       prepare_rows(ly.qkv, rb.tmp, rb.ld_tmp, r0, r1, tensor_scale, rb.a, rb.as);
       sync_rows();
       gemm_share(ly.qkv, rb.a, rb.as, &tensor_scale, T, w.qkv, m.qkv_width, ts, tid, nth);
-#pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
+      sync(P_QKV);
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t task = 0; task < in.B * m.kv_heads; ++task)
         attention_task<KV>(m, in, l, task / m.kv_heads, task % m.kv_heads, w.qkv, w.attn, ts);
-      // (the loop's implicit barrier)
+      sync(P_ATTENTION);
       tensor_scale = tensor_scale_of(ly.o, w.attn, m.q_size, T, priv, r0, r1, w.parts, tid, nth);
       prepare_rows(ly.o, w.attn, m.q_size, r0, r1, tensor_scale, rb.a, rb.as);
       sync_rows();
       gemm_share(ly.o, rb.a, rb.as, &tensor_scale, T, w.o, H, ts, tid, nth);
-#pragma omp barrier
+      sync(P_O);
       nrm = Norm();
       nrm.weight = ly.post_norm.data_ptr<float>(), nrm.N = H, nrm.eps = m.eps;
       nrm.x = w.o, nrm.ldx = H, nrm.residual = rb.x, nrm.ldr = H, nrm.h_out = rb.h, nrm.ldh = H;
@@ -277,7 +300,7 @@ void run_step_kv(const StepModel& m, const StepIn& in, Workspace& w, int nt) {
       prepare_rows(ly.gate_up, rb.tmp, rb.ld_tmp, r0, r1, tensor_scale, rb.a, rb.as);
       sync_rows();
       gemm_share(ly.gate_up, rb.a, rb.as, &tensor_scale, T, w.gate_up, 2 * I, ts, tid, nth);
-#pragma omp barrier
+      sync(P_GATE_UP);
       SiluMul sm;
       sm.x = w.gate_up, sm.ldx = 2 * I, sm.out = rb.tmp, sm.ldo = rb.ld_tmp, sm.I = I;
       silu_mul_rows<float>(sm, r0, r1);
@@ -285,7 +308,7 @@ void run_step_kv(const StepModel& m, const StepIn& in, Workspace& w, int nt) {
       prepare_rows(ly.down, rb.tmp, rb.ld_tmp, r0, r1, tensor_scale, rb.a, rb.as);
       sync_rows();
       gemm_share(ly.down, rb.a, rb.as, &tensor_scale, T, w.down, H, ts, tid, nth);
-#pragma omp barrier
+      sync(P_DOWN);
     }
     // The rows that want logits: x = h + down, the final norm, lm_head.
     if (N > 0) {
@@ -303,6 +326,7 @@ void run_step_kv(const StepModel& m, const StepIn& in, Workspace& w, int nt) {
       prepare_rows(m.lm_head, rb.tmp, rb.ld_tmp, i0, i1, tensor_scale, rb.a, rb.as);
       sync_rows();
       gemm_share(m.lm_head, rb.a, rb.as, &tensor_scale, N, in.logits, m.lm_head.N, ts, tid, nth);
+      clock.lap(P_HEAD);
     }
   }
 }
