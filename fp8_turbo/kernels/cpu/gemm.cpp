@@ -128,6 +128,7 @@ static const E4m3Table kE4m3;
 namespace fp8t::portable {
 #define FP8T_ISA 0
 #include "vec8.h"
+#include "vec8_math.h"
 #include "gemm_kernel.h"
 #undef FP8T_ISA
 }  // namespace fp8t::portable
@@ -137,6 +138,7 @@ namespace fp8t::portable {
 namespace fp8t::avx2 {
 #define FP8T_ISA 1
 #include "vec8.h"
+#include "vec8_math.h"
 #include "gemm_kernel.h"
 #undef FP8T_ISA
 }  // namespace fp8t::avx2
@@ -147,6 +149,7 @@ namespace fp8t::avx2 {
 namespace fp8t::avx512 {
 #define FP8T_ISA 2
 #include "vec8.h"
+#include "vec8_math.h"
 #include "gemm_kernel.h"
 #undef FP8T_ISA
 }  // namespace fp8t::avx512

@@ -71,7 +71,7 @@ _ISA: int | None = None
 def extension():
     global _EXT
     if _EXT is None:
-        _EXT = build.load("fp8t_cpu_gemm", ["gemm.cpp"], ["gemm_kernel.h", "common.h", "vec8.h"])
+        _EXT = build.load("fp8t_cpu_gemm", ["gemm.cpp"], ["gemm_kernel.h", "common.h", "vec8.h", "vec8_math.h"])
     return _EXT
 
 

@@ -153,7 +153,26 @@ inline void finish_row(const Gemm& g, int64_t m, int64_t n0, int64_t count, cons
     int64_t i = 0;
     for (; i + 8 <= len; i += 8) V8::reduce8(st + c0 + i, sums + i);
     for (; i < len; ++i) sums[i] = st[c0 + i].reduce();
-    for (i = 0; i < len; ++i) {
+    i = 0;
+#if FP8T_ISA != 0
+    // eight outputs at a time where the scales are a vector (the same multiplies and add per output)
+    const bool ws_vec = g.ws.kind == S_NONE || g.ws.kind == S_TENSOR || (g.ws.kind == S_ROW && g.ws.stride == 1);
+    if (g.out_f32 && (g.scales_along_k || ws_vec)) {
+      for (; i + 8 <= len; i += 8) {
+        const int64_t n = n0 + c0 + i;
+        V8 r = V8::load(sums + i);
+        if (!g.scales_along_k) {
+          r = mul(r, V8::broadcast(rescale));
+          if (g.as.kind != S_NONE) r = mul(r, V8::broadcast(a_scale));
+          if (g.ws.kind == S_TENSOR) r = mul(r, V8::broadcast(g.ws.p[0]));
+          else if (g.ws.kind == S_ROW) r = mul(r, V8::load(g.ws.p + n));
+        }
+        if (g.bias) r = add(r, V8::load(g.bias + n));
+        r.store(g.out_f32 + m * g.ldo + n);
+      }
+    }
+#endif
+    for (; i < len; ++i) {
       const int64_t n = n0 + c0 + i;
       float r = sums[i];
       if (!g.scales_along_k) {

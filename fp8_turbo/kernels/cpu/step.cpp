@@ -19,7 +19,8 @@
 
 // The GEMM kernels, their types and scale layouts come from gemm.cpp itself, compiled into this
 // translation unit (without its Python module): its fp8t::{portable, avx2, avx512} namespaces already
-// hold V8 and the GEMM kernels; the namespaces are reopened below for the other kernels and the step.
+// hold V8, its math and the GEMM kernels; the namespaces are reopened below for the other kernels and
+// the step.
 #define FP8T_GEMM_NO_MODULE
 #include "gemm.cpp"
 
@@ -182,7 +183,6 @@ struct StepModel {
 
 namespace fp8t::portable {
 #define FP8T_ISA 0
-#include "vec8_math.h"
 #include "attention_kernel.h"
 #include "ops_kernel.h"
 #include "step_kernel.h"
@@ -193,7 +193,6 @@ namespace fp8t::portable {
 #pragma GCC target("avx2,fma,f16c")
 namespace fp8t::avx2 {
 #define FP8T_ISA 1
-#include "vec8_math.h"
 #include "attention_kernel.h"
 #include "ops_kernel.h"
 #include "step_kernel.h"
@@ -205,7 +204,6 @@ namespace fp8t::avx2 {
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
 namespace fp8t::avx512 {
 #define FP8T_ISA 2
-#include "vec8_math.h"
 #include "attention_kernel.h"
 #include "ops_kernel.h"
 #include "step_kernel.h"
