@@ -1,9 +1,12 @@
 """The asyncio face of the engine: many concurrent callers, one engine loop (continuous batching).
 
 `add_request()` queues a request at once (so admission errors come before any response is sent) and
-`stream()` follows it; `generate()` does both. Engine steps run in a worker thread so the event loop
-keeps serving connections; requests are added and aborted only between steps, by the loop itself, so
-the engine is never touched from two threads at once.
+`stream()` follows it; `generate()` does both. Engine steps run in one dedicated thread (the same
+thread every step: its CPU thread team stays warm) so the event loop keeps serving connections;
+requests are added and aborted only between steps, by the loop itself, so the engine is never touched
+from two threads at once. A step's outputs are handed to their streams and the next step starts at
+once: the streams write the previous token while the next one is computed (the native CPU step
+releases the GIL).
 
 A step that raises fails the requests in the engine and the loop goes on: one bad step is the step's
 fault. `MAX_FAILED_STEPS` failing in a row (with other requests each time) are the engine's: it cannot
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -60,6 +64,7 @@ class AsyncLLMEngine:
         self._closed = False
         self._failed_steps = 0  # in a row
         self.errored: BaseException | None = None
+        self._stepper: ThreadPoolExecutor | None = None  # the one thread engine steps run on
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -75,6 +80,9 @@ class AsyncLLMEngine:
             except asyncio.CancelledError:
                 pass
             self._loop_task = None
+        if self._stepper is not None:
+            self._stepper.shutdown(wait=False)
+            self._stepper = None
         self.close(lambda: EngineShutdownError("the server is shutting down"))
 
     def close(self, make_error: Callable[[], BaseException]) -> None:
@@ -194,8 +202,11 @@ class AsyncLLMEngine:
                 if not self._pending_adds and not self._pending_aborts:
                     await self._wakeup.wait()
                 continue
+            if self._stepper is None:
+                self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-turbo-engine")
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
+                # the streams woken by the last step's outputs run while this step computes
+                outputs = await asyncio.get_running_loop().run_in_executor(self._stepper, self.engine.step)
             except FATAL_ERRORS:
                 raise
             except Exception as e:
@@ -213,4 +224,3 @@ class AsyncLLMEngine:
             self._failed_steps = 0
             for out in outputs:
                 self._deliver(out.request_id, out)
-            await asyncio.sleep(0)  # let handlers run between steps
