@@ -5,8 +5,12 @@ are captured for one-token decode shapes only), and the outputs still match. The
 the GPU check (`pytest -m gpu`); the CPU case checks the same test here."""
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
 import pytest
 import torch
+from scipy.stats import chi2
 
 from fp8_turbo import LLM, SamplingParams
 from fp8_turbo.engine.core.cuda_graphs import CudaGraphRunner
@@ -58,3 +62,63 @@ def test_tiny_model_is_identical_with_speculation(device, tmp_path):
     bm = spec.engine.block_manager
     bm.check_consistency([])
     assert bm.num_free_blocks == bm.num_blocks
+
+
+SYMBOLS = [5, 6, 7, 8]
+# Next-symbol probabilities given the current one (index i): i + 1 (mod 4) 0.6, i + 2 0.25, i 0.1, i + 3 0.05.
+STEP_PROBS = {1: 0.6, 2: 0.25, 0: 0.1, 3: 0.05}
+
+
+class MarkovModel(torch.nn.Module):
+    """A stand-in for the model under the runner's contract (input ids + AttentionMetadata -> logits at
+    logits_indices): the next token depends only on the current one, through a known chain over four
+    symbols, so the exact distribution of any continuation is known."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.logits = torch.full((vocab_size, vocab_size), float("-inf"))
+        for token in range(vocab_size):
+            i = SYMBOLS.index(token) if token in SYMBOLS else 0
+            for step, p in STEP_PROBS.items():
+                self.logits[token, SYMBOLS[(i + step) % 4]] = float(np.log(p))
+
+    def forward(self, input_ids, meta, kv_caches):
+        return self.logits[input_ids[meta.logits_indices]]
+
+
+def test_unseeded_sampling_keeps_its_distribution(tmp_path):
+    """Without a seed, each verified position draws fresh numbers from the shared generator, so the
+    kept tokens follow the model's distribution exactly as without speculation. On a Markov-chain
+    model whose next token depends strongly on the current one (prompt lookup drafts the likeliest
+    successor, accepted ~60% of the time), the joint distribution of the first three generated tokens
+    of 1500 unseeded sequences fits the chain's exact probabilities with and without speculation
+    (one-sample chi-square, outcomes with fewer than 10 expected draws pooled). Keeping a token drawn
+    after a rejected draft, or sharing numbers between positions, skews the joint."""
+    ckpt = make_checkpoint(tmp_path / "tiny", "llama31")
+    prompt = {"prompt_token_ids": SYMBOLS * 6}
+    params = SamplingParams(temperature=1.0, n=1500, max_tokens=3, ignore_eos=True)
+    exact: dict[tuple[int, ...], float] = {}
+    for a in SYMBOLS:
+        for b in SYMBOLS:
+            for c in SYMBOLS:
+                p = 1.0
+                for cur, nxt in ((8, a), (a, b), (b, c)):
+                    p *= STEP_PROBS[(SYMBOLS.index(nxt) - SYMBOLS.index(cur)) % 4]
+                exact[(a, b, c)] = p
+    for spec in (None, {**SPEC, "prompt_lookup_min": 1}):
+        llm = LLM(str(ckpt), device="cpu", kv_cache_memory_bytes=16 << 20, max_num_seqs=64, speculative_config=spec)
+        llm.engine.runner.model = MarkovModel(llm.engine.model_config.vocab_size)
+        counts = Counter(tuple(c.token_ids) for c in llm.generate([prompt], params)[0].outputs)
+        assert set(counts) <= set(exact)
+        if spec:
+            drafter = llm.engine.drafter
+            assert drafter.num_drafts >= 1000 and 0.4 < drafter.acceptance_rate < 0.8, drafter.acceptance_rate
+        observed, expected, pooled = [], [], [0.0, 0.0]
+        for outcome, p in exact.items():
+            if p * params.n >= 10:
+                observed.append(counts[outcome]), expected.append(p * params.n)
+            else:
+                pooled = [pooled[0] + counts[outcome], pooled[1] + p * params.n]
+        observed, expected = np.array(observed + [pooled[0]]), np.array(expected + [pooled[1]])
+        statistic = ((observed - expected) ** 2 / expected).sum()
+        assert chi2.sf(statistic, len(observed) - 1) > 1e-3, (spec, statistic, len(observed))
