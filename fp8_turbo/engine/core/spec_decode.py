@@ -17,9 +17,10 @@ unseeded sequence gets a fresh draw at each position, so its distribution is unc
 The engine (llm_engine.py) asks `Drafter.propose` for drafts while scheduling (scheduler.py), builds
 one sampling row per verified position (`verification_rows`), keeps tokens as above and reports how
 many drafts matched (`Drafter.observe`); the block manager then gives back the blocks that held only
-rejected tokens (`BlockManager.trim`). Acceptance adapts per sequence: after a verification that
-kept no draft, n-gram drafting pauses for 2, 4, ... 32 steps; the draft length grows by one after
-a fully accepted run and drops to one more than the accepted count after a partial one.
+rejected tokens (`BlockManager.trim`). N-gram drafting adapts per sequence: after a verification
+that kept none of its n-gram drafts, it pauses for 2, 4, ... 32 steps; the n-gram draft length grows
+by one after a fully accepted run and drops to one more than the accepted count after a partial one.
+Grammar-forced drafts (all but certain) are always proposed, up to num_speculative_tokens.
 """
 from __future__ import annotations
 
@@ -86,9 +87,10 @@ class DraftState:
 
     tokens: np.ndarray = field(default_factory=lambda: np.empty(256, dtype=np.int64))
     length: int = 0
-    max_drafts: int = 1 << 30  # current cap on drafts (lowered after partial acceptance)
-    misses: int = 0  # consecutive verifications that kept no draft
+    max_drafts: int = 1 << 30  # current cap on n-gram drafts (lowered after partial acceptance)
+    misses: int = 0  # consecutive verifications that kept no n-gram draft
     pause: int = 0  # steps left without n-gram drafts
+    forced: int = 0  # how many of the last proposal's drafts were grammar-forced (they come first)
 
     def sync(self, seq: Sequence) -> np.ndarray:
         """The sequence's tokens so far, [num_tokens] (a view)."""
@@ -144,32 +146,35 @@ class Drafter:
         state = seq.draft_state
         if state is None:
             state = seq.draft_state = DraftState(max_drafts=config.num_speculative_tokens)
-        limit = min(room, state.max_drafts, self.max_model_len - 1 - seq.num_tokens)
+        limit = min(room, config.num_speculative_tokens, self.max_model_len - 1 - seq.num_tokens)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens - len(seq.output_token_ids) - 1)
+        state.forced = 0
         if limit <= 0:
             return []
         drafts: list[int] = []
         grammar = seq.grammar
         if grammar is not None and config.jump_forward:
-            drafts = grammar.forced_tokens()[:limit]
+            drafts = grammar.forced_tokens()[:limit]  # all but certain: not held back by the adaptive cap
         forced = len(drafts)
-        if len(drafts) < limit:
+        ngram_limit = min(limit - forced, state.max_drafts)
+        if ngram_limit > 0:
             if state.pause > 0:
                 state.pause -= 1
             else:
                 tokens = state.sync(seq)
                 if drafts:
                     tokens = np.concatenate([tokens, np.asarray(drafts, dtype=np.int64)])
-                drafts += ngram_continuation(tokens, config.prompt_lookup_min, config.prompt_lookup_max,
-                                             limit - len(drafts))
+                drafts += ngram_continuation(tokens, config.prompt_lookup_min, config.prompt_lookup_max, ngram_limit)
         if grammar is not None and len(drafts) > forced:
             drafts = drafts[:grammar.valid_prefix(drafts)]  # a draft the grammar forbids cannot be accepted
-        self.num_forced_tokens += min(forced, len(drafts))
+        state.forced = min(forced, len(drafts))
+        self.num_forced_tokens += state.forced
         return drafts
 
     def observe(self, seq: Sequence, drafted: int, accepted: int) -> None:
-        """After verifying `drafted` drafts of `seq`, of which the first `accepted` were kept."""
+        """After verifying `drafted` drafts of `seq`, of which the first `accepted` were kept. The
+        back-off follows the n-gram drafts only (those after the grammar-forced ones)."""
         self.num_drafts += 1
         self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
@@ -177,6 +182,10 @@ class Drafter:
             self.accepted_per_position[j] += 1
         state = seq.draft_state
         if state is None:  # the sequence finished
+            return
+        forced = min(state.forced, drafted)
+        drafted, accepted = drafted - forced, accepted - forced
+        if drafted <= 0 or accepted < 0:  # no n-gram draft, or one was never reached
             return
         if accepted == drafted:
             state.max_drafts = min(self.config.num_speculative_tokens, state.max_drafts + 1)
