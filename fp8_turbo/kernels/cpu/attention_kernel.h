@@ -21,11 +21,22 @@ FP8T_INLINE V8 load_kv(const void* row, int64_t d) {
   else return V8::load(static_cast<const float*>(row) + d);
 }
 
+// The cache lines of one fp32 K or V row (D floats), fetched ahead; no effect on values. Measured
+// (bench/attention_cpu.py, 1 thread): decode B32 x L2048 on an fp32 cache 19-21 -> 15 ms, shorter
+// contexts unchanged; on e4m3 caches (a quarter of the bytes) no gain, so only fp32 rows are fetched.
+template <int KV>
+FP8T_INLINE void prefetch_row(const void* row, int64_t D) {
+  if constexpr (KV == KV_F32)
+    for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b, 0, 3);
+}
+
 // s[r][j] for j in [j0, j0 + 8) and rows r < RT (q rows qf[r], D floats each); keys at or past L
 // get -inf.
+// The next group's keys (`next` of them) are fetched meanwhile.
 template <int RT, int KV>
 FP8T_INLINE void scores8(const Attn& a, const float* const* qf, const void* const* krows, int nk, float c,
-                         float* const* s, int64_t j0) {
+                         float* const* s, int64_t j0, int next) {
+  for (int jj = 0; jj < next; ++jj) prefetch_row<KV>(krows[8 + jj], a.D);  // the next group's keys
   V8 part[RT][8];
   for (int jj = 0; jj < 8; ++jj) {
     V8 acc[RT];
@@ -51,12 +62,13 @@ FP8T_INLINE void scores8(const Attn& a, const float* const* qf, const void* cons
 // acc[r][c] (chunks c0 .. c0 + CT of D) = sum_j p[r][j] v[j] in key order; then scaled into out rows.
 template <int RT, int CT, int KV>
 FP8T_INLINE void values_tile(const float* const* p, int64_t L, int64_t c0, const void* const* vrows,
-                             const float* inv_l, float* const* out) {
+                             const float* inv_l, float* const* out, int64_t D) {
   V8 acc[RT][CT];
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < CT; ++c) acc[r][c] = V8::zero();
   for (int64_t j = 0; j < L; ++j) {
     const void* row = vrows[j];
+    if (c0 == 0 && j + 4 < L) prefetch_row<KV>(vrows[j + 4], D);  // the first pass brings the rows in
     V8 pr[RT];
     for (int r = 0; r < RT; ++r) pr[r] = V8::broadcast(p[r][j]);
     for (int c = 0; c < CT; ++c) {
@@ -76,11 +88,11 @@ FP8T_INLINE void values(const Attn& a, const float* const* p, int64_t L, const v
   constexpr int CT = RT <= 2 ? 4 : RT == 3 ? 3 : 2;  // RT * CT accumulators + RT weights + 1 value <= 16 registers
   const int64_t chunks = a.D / 8;
   int64_t c0 = 0;
-  for (; c0 + CT <= chunks; c0 += CT) values_tile<RT, CT, KV>(p, L, c0, vrows, inv_l, out);
+  for (; c0 + CT <= chunks; c0 += CT) values_tile<RT, CT, KV>(p, L, c0, vrows, inv_l, out, a.D);
   switch (chunks - c0) {
-    case 3: values_tile<RT, 3, KV>(p, L, c0, vrows, inv_l, out); break;
-    case 2: values_tile<RT, 2, KV>(p, L, c0, vrows, inv_l, out); break;
-    case 1: values_tile<RT, 1, KV>(p, L, c0, vrows, inv_l, out); break;
+    case 3: values_tile<RT, 3, KV>(p, L, c0, vrows, inv_l, out, a.D); break;
+    case 2: values_tile<RT, 2, KV>(p, L, c0, vrows, inv_l, out, a.D); break;
+    case 1: values_tile<RT, 1, KV>(p, L, c0, vrows, inv_l, out, a.D); break;
     default: break;
   }
 }
@@ -92,7 +104,8 @@ template <int RT, int KV>
 void attend_rows(const Attn& a, const float* const* qf, int64_t L, const void* const* krows,
                  const void* const* vrows, float* const* s, float* const* out) {
   for (int64_t j0 = 0; j0 < L; j0 += 8)
-    scores8<RT, KV>(a, qf, krows + j0, int(std::min<int64_t>(8, L - j0)), a.qk_scale, s, j0);
+    scores8<RT, KV>(a, qf, krows + j0, int(std::min<int64_t>(8, L - j0)), a.qk_scale, s, j0,
+                    int(std::max<int64_t>(0, std::min<int64_t>(8, L - j0 - 8))));
   const int64_t Lp = (L + 7) / 8 * 8;
   float inv_l[RT];
   for (int r = 0; r < RT; ++r) {
