@@ -170,3 +170,17 @@ def test_bad_step_raises_before_any_work(checkpoints):
     with pytest.raises(RuntimeError, match="token id 1000000"):
         model(input_ids, meta, caches)
     assert all(not k.any() and not v.any() for k, v in caches)
+
+
+def test_buffers_taken_at_start(checkpoints):
+    """The engine reserves the step's buffers for its token budget and context at start-up, so a step of
+    the whole budget (a chunked prompt) takes no more memory later."""
+    llm = LLM(str(checkpoints["llama31"]), quantization="fp8", device="cpu", kv_cache_memory_bytes=8 << 20,
+              block_size=BLOCK, max_num_batched_tokens=48)
+    engine = llm.engine
+    step = native_module.native_step(engine.model, torch.tensor([5], dtype=torch.int64))
+    rows, keys, threads, nbytes = held = step.step.workspace()
+    assert rows == 48 and keys == engine.max_model_len and threads >= 1
+    assert nbytes == engine.step_workspace_bytes > 0
+    llm.generate([{"prompt_token_ids": [5 + i % 50 for i in range(100)]}], SamplingParams(max_tokens=3, temperature=0))
+    assert step.step.workspace() == held

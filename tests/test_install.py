@@ -109,8 +109,9 @@ def test_generate_and_serve_from_anywhere(venv, user_env, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.rstrip("\n") == GOLDEN, r.stdout
     built = sorted(p.name for p in (tmp_path / "cache" / "fp8-turbo" / "cpu_ext").glob("*/*.so"))
-    assert [n.split(".")[0] for n in built] == ["fp8t_cpu_attention", "fp8t_cpu_gemm", "fp8t_cpu_ops"], built
-    assert r.stderr.count("compiling the CPU kernels") == 3, r.stderr[-3000:]
+    names = [n.split(".")[0] for n in built]  # what the forward needed, each compiled once, in the user's cache
+    assert "fp8t_cpu_step" in names and all(n.startswith("fp8t_cpu_") for n in names), built
+    assert r.stderr.count("compiling the CPU kernels") == len(names), r.stderr[-3000:]
     assert files_under(sp) == before, sorted(map(str, files_under(sp) - before))[:10]
 
     with socket.socket() as s:

@@ -202,3 +202,22 @@ def test_preemption_under_a_small_kv_budget(llm):
     bm = tight.engine.block_manager
     bm.check_consistency([])
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_grammar_forks_for_verification(llm):
+    """A fork is a copy one token ahead (the original does not move); a token the grammar refuses gives
+    None (a sequence that kept it would end there), and no copy stays open."""
+    structured = llm.engine.structured
+    before = structured.num_matchers
+    matcher = structured.compile(StructuredOutputsParams(json=CUSTOMER)).matcher()
+    forced = matcher.forced_tokens()
+    assert forced and llm.tokenizer.decode(forced).startswith('{"')
+    ahead = matcher.fork(forced[0])
+    assert ahead.valid_prefix(forced[1:]) == len(forced) - 1  # the copy moved on by one token
+    assert ahead.valid_prefix(forced[:1]) == 0  # `{"` again is not JSON
+    assert matcher.forced_tokens() == forced  # the original did not
+    assert matcher.valid_prefix(forced + llm.tokenizer.encode("}", add_special_tokens=False)) == len(forced)
+    assert matcher.fork(llm.tokenizer.encode("}", add_special_tokens=False)[0]) is None
+    ahead.close()
+    matcher.close()
+    assert structured.num_matchers == before

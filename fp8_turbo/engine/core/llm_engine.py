@@ -18,6 +18,7 @@ from fp8_turbo.engine.core.engine_config import EngineConfig
 from fp8_turbo.engine.core.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_token
 from fp8_turbo.engine.core.kv_calibration import CALIBRATION_TOKENS, calibrate_kv_scales, calibration_text
 from fp8_turbo.engine.model.linear import QuantConfig
+from fp8_turbo.engine.model.native_step import reserve_native_step
 from fp8_turbo.engine.checkpoints.loader import build_model
 from fp8_turbo.engine.checkpoints.source import read_hf_config, resolve_model
 from fp8_turbo.engine.core.cuda_graphs import CudaGraphRunner
@@ -114,6 +115,10 @@ class LLMEngine:
                                                  config.max_num_seqs, self.device,
                                                  max_bucket=config.max_graph_batch_size)
             self.runner.graphs.capture()
+        self.step_workspace_bytes = 0
+        if self.device.type == "cpu":  # the native step's buffers for the largest step, taken now
+            self.step_workspace_bytes = reserve_native_step(self.model, max(config.max_num_batched_tokens,
+                                                                            config.block_size), self.max_model_len)
         self.sampler = Sampler(seed=config.seed)
         self.structured = StructuredOutputs(self.tokenizer.hf, cfg.vocab_size,
                                             sorted(self.tokenizer.stop_token_ids))  # grammars, built on first use

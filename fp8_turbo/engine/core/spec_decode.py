@@ -202,14 +202,17 @@ def verification_rows(seq: Sequence, drafts: list[int], eos_token_ids: list[int]
     """The sampling rows of one sequence's step: row j draws the token at the position after draft
     j - 1 (row 0 after the sequence's last token), with the state sequential decoding would have
     there: the drafts before it count as generated tokens, and a grammar is a copy advanced by them.
-    Returns the rows and the grammar copies (close them after sampling)."""
+    Returns the rows and the grammar copies (close them after sampling). Should the grammar fail on a
+    draft (a limit reached), keeping that draft ends the sequence (`accept` fails the same way), so
+    the rows after it are never used: they go unconstrained."""
     rows = [SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.seed, eos_token_ids, seq.grammar)]
     forks: list[GrammarMatcher] = []
     grammar = seq.grammar
     for j, token in enumerate(drafts):
         if grammar is not None:
             grammar = grammar.fork(token)
-            forks.append(grammar)
+            if grammar is not None:
+                forks.append(grammar)
         rows.append(SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids + drafts[:j + 1], seq.seed,
                                 eos_token_ids, grammar))
     return rows, forks

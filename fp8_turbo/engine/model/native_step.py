@@ -96,6 +96,14 @@ class NativeStep:
         for m in model.modules():
             self.hook_dicts += [m._forward_hooks, m._forward_pre_hooks]
 
+    def reserve(self, max_tokens: int, max_len: int) -> None:
+        """Buffers for every step of up to `max_tokens` tokens over up to `max_len` keys, written now: the
+        step's memory is taken at start-up rather than by the first large step (see `workspace_bytes`)."""
+        self.step.reserve(max_tokens, max_len, torch.get_num_threads())
+
+    def workspace_bytes(self) -> int:
+        return self.step.workspace()[3]
+
     def hooked(self) -> bool:
         return any(self.hook_dicts)
 
@@ -127,3 +135,13 @@ def native_step(model, input_ids: torch.Tensor) -> NativeStep | None:
     if step is None or step.hooked():
         return None
     return step
+
+
+def reserve_native_step(model, max_tokens: int, max_len: int) -> int:
+    """Reserve the CPU model's native step buffers for the engine's largest step (its token budget) and
+    context; returns their bytes (0 where the module path runs)."""
+    step = native_step(model, torch.empty(0, dtype=torch.long))
+    if step is None:
+        return 0
+    step.reserve(max_tokens, max_len)
+    return step.workspace_bytes()

@@ -124,14 +124,14 @@ class GrammarMatcher:
         """How many of `token_ids`, in order, the grammar allows from here. Changes nothing."""
         return self._matcher.validate_tokens(token_ids)
 
-    def fork(self, token_id: int) -> "GrammarMatcher":
-        """A copy advanced by one token the grammar allows (speculative decoding's state after a
-        draft); this matcher does not move. Close the copy when done."""
-        copy = GrammarMatcher(self._matcher.deep_copy(), self._owner)
+    def fork(self, token_id: int) -> "GrammarMatcher | None":
+        """A copy advanced by one token (speculative decoding's state after a draft); this matcher does
+        not move. None when the grammar refuses the token or fails on it (as `accept` would: a sequence
+        that keeps that token ends there). Close the copy when done."""
+        copy = GrammarMatcher(self._matcher.deep_copy(), self._owner, self.grammar)
         if not copy.accept(token_id):
-            error = copy.error
             copy.close()
-            raise ValueError(f"the grammar does not allow token {token_id} here: {error}")
+            return None
         return copy
 
     @property

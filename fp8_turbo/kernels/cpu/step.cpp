@@ -139,12 +139,20 @@ struct Workspace {
   int64_t cap_rows = -1, cap_len = -1;
   int cap_threads = -1;
   std::vector<std::unique_ptr<float, decltype(&std::free)>> blocks;
+  std::vector<int64_t> block_bytes;
 
   float* take(int64_t n) {
-    float* p = static_cast<float*>(std::aligned_alloc(64, std::max<int64_t>(64, cdiv(n * 4, 64) * 64)));
+    const int64_t bytes = std::max<int64_t>(64, cdiv(n * 4, 64) * 64);
+    float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
     TORCH_CHECK(p, "native step: out of memory for its buffers");
     blocks.emplace_back(p, &std::free);
+    block_bytes.push_back(bytes);
     return p;
+  }
+  int64_t nbytes() const {
+    int64_t n = 0;
+    for (int64_t b : block_bytes) n += b;
+    return n;
   }
 };
 
@@ -285,7 +293,7 @@ void StepModel::reserve(int64_t rows, int64_t max_len, int nt) {
   Workspace& w = ws;
   if (rows <= w.cap_rows && max_len <= w.cap_len && nt <= w.cap_threads) return;
   rows = std::max(rows, w.cap_rows), max_len = std::max(max_len, w.cap_len), nt = std::max(nt, w.cap_threads);
-  w.blocks.clear();
+  w.blocks.clear(), w.block_bytes.clear();
   int64_t kp_max = cdiv(std::max({hidden, q_size, inter}), 16) * 16;
   const int64_t ld_tmp = std::max({hidden, q_size, inter});
   const int64_t scale_cols = cdiv(std::max({hidden, q_size, inter}), MIN_GROUP);
@@ -348,7 +356,9 @@ at::Tensor StepModel::step(const at::Tensor& input_ids, const at::Tensor& positi
   int64_t max_len = 0;
   for (int64_t b = 0; b < in.B; ++b) {
     const int64_t n_new = in.cu[b + 1] - in.cu[b], len = in.seq_lens[b];
-    TORCH_CHECK(n_new >= 0 && n_new <= len, "native step: sequence ", b, " has ", n_new, " new tokens but length ", len);
+    // A sequence of length 0 is padding (CUDA-graph buckets): its tokens attend to nothing (zeros).
+    TORCH_CHECK(n_new >= 0 && (n_new <= len || len == 0), "native step: sequence ", b, " has ", n_new,
+                " new tokens but length ", len);
     TORCH_CHECK(n_new == 0 || len <= in.max_blocks * block_size, "native step: sequence ", b, " of length ", len,
                 " exceeds its block table's ", in.max_blocks * block_size, " slots");
     if (n_new == 0) continue;
@@ -393,6 +403,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_rotary", &fp8t::StepModel::set_rotary)
       .def("set_kv", &fp8t::StepModel::set_kv)
       .def("step", &fp8t::StepModel::step)
+      // Buffers for steps of up to `rows` tokens over up to `max_len` keys on `threads` threads, written
+      // once so their pages are the process's from now on (a server's memory is then known at start).
+      .def("reserve", [](fp8t::StepModel& m, int64_t rows, int64_t max_len, int64_t threads) {
+        m.reserve(rows, max_len, int(std::max<int64_t>(1, threads)));
+        for (size_t i = 0; i < m.ws.blocks.size(); ++i) std::memset(m.ws.blocks[i].get(), 0, m.ws.block_bytes[i]);
+      })
+      .def("workspace", [](const fp8t::StepModel& m) {  // (rows, keys, threads, bytes) it holds buffers for
+        return std::make_tuple(m.ws.cap_rows, m.ws.cap_len, m.ws.cap_threads, m.ws.nbytes());
+      })
       .def_readwrite("profiling", &fp8t::StepModel::profiling)
       .def("phase_seconds", [](fp8t::StepModel& m, bool reset) {  // thread 0's seconds per phase, summed
         std::vector<double> out(m.ws.phase_seconds, m.ws.phase_seconds + fp8t::P_COUNT);

@@ -176,6 +176,11 @@ void attention_task(const StepModel& m, const StepIn& in, int64_t layer, int64_t
       store_kv<KV>(row + v_off, D, ly.v_scale, v_base + off);
     }
   }
+  if (len == 0) {  // padding: nothing to attend to, zeros (attention.cpp's value)
+    for (int64_t i = 0; i < n_new; ++i)
+      std::memset(out + (c0 + i) * m.heads * D + q_off, 0, sizeof(float) * group * D);
+    return;
+  }
   const int32_t* table = in.block_tables + b * in.max_blocks;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t off = int64_t(table[j / m.block_size]) * m.kv_block_stride + (j % m.block_size) * m.kv_slot_stride;
