@@ -105,6 +105,42 @@ def test_drafting_backs_off_after_rejections_and_recovers():
     assert drafter.accepted_per_position == [3, 1, 0]
 
 
+class ForcedGrammar:
+    """A grammar stand-in whose next tokens are forced (a JSON key with its quotes and colon)."""
+
+    def __init__(self, forced: list[int]):
+        self.forced = forced
+
+    def forced_tokens(self) -> list[int]:
+        return list(self.forced)
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        n = 0
+        while n < len(tokens) and n < len(self.forced) and tokens[n] == self.forced[n]:
+            n += 1
+        return n if n < len(self.forced) else len(tokens)  # past the forced run anything goes
+
+
+def test_grammar_forced_drafts_are_not_capped_by_num_speculative_tokens():
+    """A forced run is drafted whole (within the room, the context and max_tokens), n-gram drafts may
+    follow it up to num_speculative_tokens more, and the per-position counts grow to the longest run."""
+    drafter = Drafter(SpeculativeConfig(num_speculative_tokens=2), max_model_len=100)
+    prompt = list(range(20)) + [7, 8]  # after the forced run "30 31 ... 35", nothing matches
+    seq = decoding(prompt, [], max_tokens=None)
+    seq.grammar = ForcedGrammar([30, 31, 32, 33, 34, 35])
+    assert drafter.propose(seq, room=99) == [30, 31, 32, 33, 34, 35]
+    assert seq.draft_state.forced == 6
+    assert drafter.propose(seq, room=4) == [30, 31, 32, 33]
+    capped = decoding(prompt, [], max_tokens=3)  # 2 drafts, then the bonus token makes 3
+    capped.grammar = ForcedGrammar([30, 31, 32, 33, 34, 35])
+    assert drafter.propose(capped, room=99) == [30, 31]
+    seq.grammar = ForcedGrammar([9, 10])  # "9 10" then the prompt's "11 12" by n-gram lookup
+    seq.prompt_token_ids = list(range(20)) + [7, 8]
+    assert drafter.propose(seq, room=99) == [9, 10, 11, 12]
+    drafter.observe(seq, 6, 6)
+    assert drafter.accepted_per_position == [1] * 6
+
+
 class FakeDrafter:
     """Proposes `k` random drafts (from a small alphabet, so some are right) for every sequence."""
 

@@ -20,7 +20,10 @@ many drafts matched (`Drafter.observe`); the block manager then gives back the b
 rejected tokens (`BlockManager.trim`). N-gram drafting adapts per sequence: after a verification
 that kept none of its n-gram drafts, it pauses for 2, 4, ... 32 steps; the n-gram draft length grows
 by one after a fully accepted run and drops to one more than the accepted count after a partial one.
-Grammar-forced drafts (all but certain) are always proposed, up to num_speculative_tokens.
+Grammar-forced drafts (all but certain) are always proposed, as many as the step's budget, the
+context and max_tokens leave (not capped by num_speculative_tokens: a JSON key with its quotes and
+colon is one verification, however many tokens it has); n-gram drafts may follow them, up to
+num_speculative_tokens more.
 """
 from __future__ import annotations
 
@@ -146,7 +149,7 @@ class Drafter:
         state = seq.draft_state
         if state is None:
             state = seq.draft_state = DraftState(max_drafts=config.num_speculative_tokens)
-        limit = min(room, config.num_speculative_tokens, self.max_model_len - 1 - seq.num_tokens)
+        limit = min(room, self.max_model_len - 1 - seq.num_tokens)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens - len(seq.output_token_ids) - 1)
         state.forced = 0
@@ -155,9 +158,9 @@ class Drafter:
         drafts: list[int] = []
         grammar = seq.grammar
         if grammar is not None and config.jump_forward:
-            drafts = grammar.forced_tokens()[:limit]  # all but certain: not held back by the adaptive cap
+            drafts = grammar.forced_tokens()[:limit]  # all but certain: not held back by any cap
         forced = len(drafts)
-        ngram_limit = min(limit - forced, state.max_drafts)
+        ngram_limit = min(limit - forced, config.num_speculative_tokens, state.max_drafts)
         if ngram_limit > 0:
             if state.pause > 0:
                 state.pause -= 1
@@ -178,6 +181,8 @@ class Drafter:
         self.num_drafts += 1
         self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
+        if accepted > len(self.accepted_per_position):  # a run of grammar-forced drafts past the n-gram cap
+            self.accepted_per_position += [0] * (accepted - len(self.accepted_per_position))
         for j in range(accepted):
             self.accepted_per_position[j] += 1
         state = seq.draft_state
