@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fp8_turbo import LLM
-from fp8_turbo.engine.lab.accuracy import TokenStats, evaluate, sequence_logits
-from fp8_turbo.engine.lab.corpora import corpus_text, corpus_windows, heldout_text
+from fp8_turbo.engine.lab.accuracy import TokenStats, evaluate, quantized_in_place, sequence_logits
+from fp8_turbo.engine.lab.corpora import LEGAL_CORPUS, corpus_sources, corpus_text, corpus_windows, heldout_text, named_text
 from fp8_turbo.engine.lab.sensitivity import _BlockCache, quantize_only, sensitivity_sweep
 from fp8_turbo.engine.serving.cli_quant import add_commands
 from fp8_turbo.engine.model.linear import Linear
@@ -34,8 +34,38 @@ def test_evaluate_metrics(src):
     same = LLM(str(src), device="cpu", quantization="fp8", quantization_ignore=("lm_head",))
     assert set(fp8.sqnr_db) == {m.name for m in same.engine.model.modules() if isinstance(m, Linear) and m.scheme != "none"}
     assert keep_all.kl == 0 and keep_all.ppl == base.ppl and keep_all.hp_linear_bytes == keep_all.linear_bytes
-    assert fp8.linear_bytes * 2 == base.linear_bytes  # 1 byte per FP8 weight vs 2 for bf16
+    rows = sum(m.out_features for m in same.engine.model.modules() if isinstance(m, Linear) and m.scheme != "none")
+    assert fp8.linear_bytes == base.linear_bytes // 2 + 4 * rows  # 1 byte per FP8 weight (2 for bf16) + fp32 scales
     assert base.same_top == 1 and base.kl_p99 == 0 and 0 < fp8.same_top <= 1 and fp8.kl_p99 > 0
+
+
+@pytest.mark.parametrize("scheme", ["fp8-w8a8", "fp8-weight-only-mx"])
+def test_quantized_in_place_is_the_loaded_scheme(src, scheme):
+    """evaluate's fast path (the base model's Linears quantized in place) computes exactly what
+    LLM(quantization=scheme) loads, and restores the base model afterwards."""
+    base = LLM(str(src), device="cpu", lm_head_dtype="model")
+    before = sequence_logits(base, WINDOWS[0])
+    loaded = LLM(str(src), device="cpu", quantization=scheme, quantization_ignore=("lm_head",), lm_head_dtype="model")
+    with quantized_in_place(base, scheme, ("lm_head",)):
+        assert torch.equal(sequence_logits(base, WINDOWS[0]), sequence_logits(loaded, WINDOWS[0]))
+    assert torch.equal(sequence_logits(base, WINDOWS[0]), before)
+    assert all(m.scheme == "none" and m.weight is not None for m in base.engine.model.modules() if isinstance(m, Linear))
+
+
+def test_evaluate_scores_each_corpus(src, tmp_path):
+    """Several scored corpora: one result per config and corpus, each against the base on that corpus."""
+    files = []
+    for i, step in enumerate((7, 13)):
+        f = tmp_path / f"corpus{i}.txt"
+        f.write_text(" ".join(f"w{(step * j) % 300 + 3}" for j in range(200)))
+        files.append(str(f))
+    seen = []
+    results, scored = evaluate(str(src), [("wo", "fp8-weight-only", ("lm_head",))], corpora=files, tokens=96, window=48,
+                               log=lambda s: None, progress=False, on_result=seen.append)
+    assert [(r.label, r.corpus) for r in results] == [("none", files[0]), ("none", files[1]), ("wo", files[0]),
+                                                      ("wo", files[1])]
+    assert seen == results and list(scored) == files and all(len(w) == 2 for w in scored.values())
+    assert results[0].ppl != results[1].ppl and results[2].tokens == results[3].tokens == 2 * 47
 
 
 def test_token_stats_follow_llama_cpp():
@@ -66,8 +96,8 @@ def test_sweep_prefix_cache_and_toggle_are_exact(src):
     assert torch.equal(cache.logits_from(1), full)
     m = llm.engine.model.layers[1].mlp.down_proj
     w = m.weight
-    with quantize_only(m, "fp8"):
-        assert m.scheme == "fp8" and not torch.equal(m.dequantized_weight(), w)
+    with quantize_only(m, "fp8"):  # the CPU's "fp8": weight-only
+        assert m.scheme == "fp8-weight-only" and not torch.equal(m.dequantized_weight(), w)
         quantized = cache.logits_from(1)
     assert m.scheme == "none" and m.weight is w and m.weight_fp8 is None
     assert not torch.equal(quantized, full)
@@ -101,7 +131,10 @@ def test_cli_quantize_and_eval(src, tmp_path, capsys):
     args = parser.parse_args(["quantize", "--model", str(src), "--scheme", "fp8", "--method", "none",
                               "--out", str(tmp_path / "q")])
     assert args.func(args) == 0
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    assert qc["config_groups"]["group_0"]["input_activations"] is None  # "fp8" on the CPU: weight-only
+    assert "--scheme fp8 -> fp8-weight-only" in capsys.readouterr().err
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"w{(7 * i) % 300 + 3}" for i in range(200)))
     args = parser.parse_args(["eval", "--model", str(src), "--schemes", "fp8", "fp8-block", "--corpus", str(corpus),
@@ -113,6 +146,17 @@ def test_cli_quantize_and_eval(src, tmp_path, capsys):
     assert len(data["sweep"]) == 8 and data["meta"]["calib_corpus"] == str(corpus)
     assert (tmp_path / "r" / "accuracy.png").stat().st_size > 1000
     assert "| fp8-block |" in (tmp_path / "r" / "accuracy.md").read_text()
+
+
+def test_legal_corpus_is_another_domain():
+    """The second held-out corpus: license texts (legal English), each once, none of it in the
+    calibration text or the docstrings corpus."""
+    legal, calib = named_text(LEGAL_CORPUS), corpus_text()
+    sources = corpus_sources(LEGAL_CORPUS)
+    assert len(legal) > 10_000 and len(sources) == len(set(sources))
+    assert "warranty" in legal.lower() and "license" in legal.lower()
+    paragraphs = [p for p in legal.split("\n\n") if len(p) > 200]
+    assert paragraphs and not [p for p in paragraphs if p in calib]
 
 
 def test_heldout_corpus_is_other_text():

@@ -75,7 +75,7 @@ def models(tmp_path_factory):
     return {"plain": plain, "outliers": make_outlier_checkpoint(plain, tmp / "outliers")}
 
 
-def quantized(src, methods: str, scheme: str = "fp8", **llm_options):
+def quantized(src, methods: str, scheme: str = "fp8-w8a8", **llm_options):
     llm = LLM(str(src), device="cpu", **llm_options)
     result = calibrate(llm, CALIB, Recipe(scheme, ("lm_head",), methods), log=lambda s: None)
     return llm, result
@@ -114,7 +114,7 @@ def test_shared_statistics_are_the_recipes_own(models):
     """A non-sequential recipe given collect_all's statistics computes what it computes alone."""
     from fp8_turbo.engine.lab.calibration import collect_all
 
-    recipe = Recipe("fp8", ("lm_head",), "smooth+search+gptq", sequential=False)
+    recipe = Recipe("fp8-w8a8", ("lm_head",), "smooth+search+gptq", sequential=False)
     alone = LLM(str(models["outliers"]), device="cpu")
     calibrate(alone, CALIB, recipe, log=lambda s: None)
     shared = LLM(str(models["outliers"]), device="cpu")
@@ -124,9 +124,15 @@ def test_shared_statistics_are_the_recipes_own(models):
 
 
 def test_plain_amax_recipe_is_the_engines_fp8(models):
-    """Method "none" reproduces LLM(quantization="fp8") exactly (same weights, scales and logits)."""
-    calibrated, _ = quantized(models["plain"], "none")
-    engine = LLM(str(models["plain"]), device="cpu", quantization="fp8", quantization_ignore=("lm_head",))
+    """Method "none" reproduces LLM(quantization=...) exactly (same weights, scales and logits), for W8A8 and
+    for what "fp8" means here (weight-only on the CPU)."""
+    for scheme in ("fp8-w8a8", "fp8"):
+        calibrated, _ = quantized(models["plain"], "none", scheme)
+        engine = LLM(str(models["plain"]), device="cpu", quantization=scheme, quantization_ignore=("lm_head",))
+        _assert_same_model(calibrated, engine)
+
+
+def _assert_same_model(calibrated, engine):
     for a, b in zip(calibrated.engine.model.modules(), engine.engine.model.modules()):
         if isinstance(a, Linear):
             assert a.scheme == b.scheme and torch.equal(a.dequantized_weight(), b.dequantized_weight()), a.name
@@ -211,7 +217,7 @@ def assert_bit_identical(a, b):
         assert torch.equal(sequence_logits(a, ids), sequence_logits(b, ids))
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "fp8-block"])
+@pytest.mark.parametrize("scheme", ["fp8-w8a8", "fp8-block"])
 def test_calibrated_checkpoint_round_trip_is_bit_exact(models, tmp_path, scheme):
     """fp8-block: q/k/v shards of 64/16/16 rows get their own 128x128 block scales, as written."""
     llm, result = quantized(models["outliers"], "smooth+search+gptq", scheme)
@@ -239,17 +245,17 @@ def test_cli_quantize_calibrated(models, tmp_path):
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["quantize", "--model", str(models["outliers"]), "--out", str(tmp_path / "q"),
-                              "--calibrate", str(corpus), "--method", "smooth+gptq", "--window", "128",
+                              "--calibrate", str(corpus), "--method", "smooth+gptq", "--window", "128", "--scheme", "fp8-w8a8",
                               "--calibration-tokens", "1024"])
     assert args.func(args) == 0
     loaded = LLM(str(tmp_path / "q"), device="cpu")
-    assert {m.scheme for m in linears(loaded).values()} == {"fp8", "none"}
+    assert {m.scheme for m in linears(loaded).values()} == {"fp8-w8a8", "none"}
     # the same recipe in memory gives the same model
     from fp8_turbo.engine.lab.corpora import corpus_text, corpus_windows
 
     llm = LLM(str(models["outliers"]), device="cpu")
     calibrate(llm, corpus_windows(llm.tokenizer, corpus_text(corpus), 128, 1024),
-              Recipe("fp8", DEFAULT_IGNORE, ("smooth", "gptq")),
+              Recipe("fp8-w8a8", DEFAULT_IGNORE, ("smooth", "gptq")),
               log=lambda s: None)
     assert_bit_identical(llm, loaded)
 
@@ -262,7 +268,7 @@ def test_transformers_reads_calibrated_checkpoint(models, tmp_path):
 
     # the embedding and lm_head in fp32 as transformers keeps them (not bf16, "auto" for FP8 on CPU)
     llm, result = quantized(models["outliers"], "smooth+search+gptq", lm_head_dtype="model")
-    out = save_quantized(str(models["outliers"]), tmp_path / "q", "fp8", ("lm_head",), weights=result.hf_weights(),
+    out = save_quantized(str(models["outliers"]), tmp_path / "q", "fp8-w8a8", ("lm_head",), weights=result.hf_weights(),
                          hp_tensors=result.hp_tensors)
     ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ids = HELDOUT[0]
@@ -288,7 +294,7 @@ def test_transformers_reads_calibrated_checkpoint(models, tmp_path):
 
 
 def test_evaluate_scores_a_calibrated_config_on_heldout_windows(models):
-    configs = [("fp8", "fp8", ("lm_head",)), ("fp8 gptq", "fp8", ("lm_head",), ("gptq",))]
+    configs = [("fp8", "fp8-w8a8", ("lm_head",)), ("fp8 gptq", "fp8-w8a8", ("lm_head",), ("gptq",))]
     results, _ = evaluate(str(models["plain"]), configs, HELDOUT[:4], calib_windows=CALIB, log=lambda s: None,
                           progress=False)
     base, amax, gptq = results

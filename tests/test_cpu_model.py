@@ -65,8 +65,10 @@ def _run(llm, prompts, params, *, prefix_caching=False, chunk=None):
 
 
 def test_model_runs_on_e4m3_weights(llm):
-    """No fp32 copy of an FP8 weight stays resident; the tied embedding / lm_head is bf16."""
+    """No fp32 copy of an FP8 weight stays resident; the tied embedding / lm_head is bf16; "fp8" runs
+    weight-only on the CPU (engine.model.schemes.fp8_scheme)."""
     model = llm.engine.model
+    assert llm.engine.quant_scheme == "fp8-weight-only"
     fp8 = [m for m in model.modules() if isinstance(m, Linear) and m.scheme != "none"]
     assert len(fp8) >= 4 * llm.engine.model_config.num_layers - 4  # qkv, o, gate_up, down; the ignore list keeps a few
     assert all(m.weight is None and m.weight_fp8.dtype == torch.float8_e4m3fn for m in fp8)
@@ -92,6 +94,16 @@ def test_greedy_batch_invariant(llm, prompts, one_thread):
     together = _run(llm, prompts, params)
     alone = [_run(llm, [p], params)[0] for p in prompts]
     assert together == alone
+
+
+def test_w8a8_greedy_batch_invariant(prompts, one_thread):
+    """The W8A8 scheme by name (per-token e4m3 activations; "fp8" is weight-only on the CPU): 6 prompts
+    together == each alone, tokens and logprobs bit-identical."""
+    llm = LLM("smollm2-135m-instruct", quantization="fp8-w8a8", device="cpu", kv_cache_memory_bytes=64 << 20)
+    assert llm.engine.quant_scheme == "fp8-w8a8"
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=0, ignore_eos=True)
+    some = prompts[:6]
+    assert _run(llm, some, params) == [_run(llm, [p], params)[0] for p in some]
 
 
 def test_chunked_prefill_and_prefix_hits_invariant(llm, prompts, one_thread):

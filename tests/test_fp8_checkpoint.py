@@ -25,7 +25,7 @@ from fp8_turbo.engine.checkpoints.source import iter_checkpoint_tensors, resolve
 from fp8_turbo.kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_weight
 from model_factory import VOCAB, make_checkpoint
 
-GRAN = {"fp8": "channel", "fp8-tensor": "tensor", "fp8-block": "block", "fp8-weight-only": "channel"}
+GRAN = {"fp8-w8a8": "channel", "fp8-tensor": "tensor", "fp8-block": "block", "fp8-weight-only": "channel"}
 IDS = torch.randint(3, VOCAB, (24,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
@@ -79,7 +79,24 @@ def test_fp8_round_trip_is_bit_exact(src, tmp_path):
     assert torch.equal(sequence_logits(mem, IDS), sequence_logits(loaded, IDS))
 
 
-@pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-block", "fp8-weight-only"])
+def test_fp8_means_weight_only_on_cpu_but_a_w8a8_checkpoint_runs_w8a8(src, tmp_path, caplog):
+    """quantization="fp8" on the CPU quantizes weight-only (the scheme decision, engine.model.schemes);
+    a W8A8 checkpoint loaded with the same default still runs W8A8, without a warning; an explicit
+    other scheme is overridden by the checkpoint with one."""
+    assert LLM(str(src), device="cpu", quantization="fp8").engine.quant_scheme == "fp8-weight-only"
+    out = save_quantized(str(src), tmp_path / "w8a8", "fp8-w8a8", ignore=("lm_head",))
+    with caplog.at_level("WARNING"):
+        loaded = LLM(str(out), device="cpu", quantization="fp8")
+    assert not [r for r in caplog.records if "pre-quantized" in r.message]
+    assert loaded.engine.quant_scheme == "fp8-w8a8"
+    assert {m.scheme for m in linears(loaded) if m.name != "lm_head"} == {"fp8-w8a8"}
+    assert_same_logits(loaded, reference_llm(src, "fp8-w8a8"))
+    with caplog.at_level("WARNING"):
+        assert LLM(str(out), device="cpu", quantization="fp8-block").engine.quant_scheme == "fp8-w8a8"
+    assert [r for r in caplog.records if "pre-quantized" in r.message]
+
+
+@pytest.mark.parametrize("scheme", ["fp8-w8a8", "fp8-tensor", "fp8-block", "fp8-weight-only"])
 def test_each_scheme_loads_to_fake_quant_reference(src, tmp_path, scheme):
     out = save_quantized(str(src), tmp_path / scheme, scheme, ignore=("lm_head",))
     loaded, hf = LLM(str(out), device="cpu"), hf_weights(src)
@@ -121,7 +138,7 @@ def test_ignore_keeps_layers_in_high_precision(src, tmp_path):
         if m.name.endswith("down_proj"):
             assert torch.equal(m.dequantized_weight(), hf[f"{m.name}.weight"])
     # a compressed-tensors `re:` ignore entry, read back from a checkpoint
-    out = save_quantized(str(src), tmp_path / "ckpt", "fp8", ignore=("lm_head",))
+    out = save_quantized(str(src), tmp_path / "ckpt", "fp8-w8a8", ignore=("lm_head",))
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["ignore"] = ["lm_head", "re:.*layers\\.0\\.mlp\\.down_proj$"]
     state = dict(iter_checkpoint_tensors(resolve_model(str(out))))
@@ -131,7 +148,7 @@ def test_ignore_keeps_layers_in_high_precision(src, tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     loaded = {m.name: m for m in linears(LLM(str(out), device="cpu"))}
     assert loaded["model.layers.0.mlp.down_proj"].scheme == "none"
-    assert loaded["model.layers.1.mlp.down_proj"].scheme == "fp8"
+    assert loaded["model.layers.1.mlp.down_proj"].scheme == "fp8-w8a8"
 
 
 def _write_variant(src, out, quant_config: dict, scheme: str, scale_leaf: str, input_scales=None):
@@ -159,7 +176,7 @@ def test_transformers_fp8_block_format(src, tmp_path):
 def test_fbgemm_fp8_rowwise_format(src, tmp_path):
     qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head", "layers.0.mlp"]}
     quant_cfg_ignore = ("lm_head", "model.layers.0.mlp.*")
-    quant = QuantConfig("fp8", quant_cfg_ignore)
+    quant = QuantConfig("fp8-w8a8", quant_cfg_ignore)
     state = dict(quantized_tensors(iter_checkpoint_tensors(resolve_model(str(src))), quant))
     out = tmp_path / "fbgemm"
     out.mkdir()
@@ -171,12 +188,12 @@ def test_fbgemm_fp8_rowwise_format(src, tmp_path):
     loaded, hf = LLM(str(out), device="cpu"), hf_weights(src)
     for m in linears(loaded):
         kept = m.name == "lm_head" or m.name.startswith("model.layers.0.mlp")
-        assert m.scheme == ("none" if kept else "fp8"), m.name
+        assert m.scheme == ("none" if kept else "fp8-w8a8"), m.name
         if kept and m.name != "lm_head":
             assert torch.equal(m.dequantized_weight(), torch.cat([hf[f"{s}.weight"] for s in shard_names(m.name)])), m.name
         elif not kept:
             assert torch.equal(m.dequantized_weight(), fake_quant_weight(hf, m, "channel")), m.name
-    assert_same_logits(loaded, reference_llm(src, "fp8", ("lm_head", "model.layers.0.mlp.*")))
+    assert_same_logits(loaded, reference_llm(src, "fp8-w8a8", ("lm_head", "model.layers.0.mlp.*")))
 
 
 def test_static_input_scale_is_loaded(src, tmp_path):

@@ -26,7 +26,7 @@ from model_factory import make_checkpoint
 def write_sharded_fp8(src, out, shards: int = 3):
     """`src` quantized to compressed-tensors fp8 (per-channel), split over `shards` safetensors files."""
     cfg_dict = read_hf_config(resolve_model(str(src)))
-    quant = QuantConfig("fp8", ("lm_head",))
+    quant = QuantConfig("fp8-w8a8", ("lm_head",))
     state = dict(quantized_tensors(iter_checkpoint_tensors(resolve_model(str(src))), quant))
     names = sorted(state)
     out.mkdir(parents=True)
@@ -38,7 +38,7 @@ def write_sharded_fp8(src, out, shards: int = 3):
         weight_map.update({n: file for n in part})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     ignored = ["lm_head"]
-    (out / "config.json").write_text(json.dumps(dict(cfg_dict, quantization_config=compressed_tensors_config("fp8", ignored))))
+    (out / "config.json").write_text(json.dumps(dict(cfg_dict, quantization_config=compressed_tensors_config("fp8-w8a8", ignored))))
     return out
 
 

@@ -94,7 +94,7 @@ def test_refuses_sizes_that_do_not_shard():
 def test_checkpoint_slices_follow_the_shard():
     from fp8_turbo.engine.model.linear import QuantConfig
 
-    cfg, q = _cfg(8, 2), QuantConfig("fp8")
+    cfg, q = _cfg(8, 2), QuantConfig("fp8-w8a8")
     tp = TensorParallel(1, 4)
     qkv = ColumnParallelLinear(64, attention_shard(cfg, tp).qkv_parts(cfg), bias=False, quant=q, name="qkv_proj", tp=tp)
     assert qkv.checkpoint_slice(0, "weight", (64, 64)) == (0, 16, 32)  # q heads 2, 3
@@ -142,7 +142,7 @@ def test_sliced_reads_equal_slices_of_the_whole(tmp_path):
     from fp8_turbo.engine.checkpoints.source import ModelSource, iter_checkpoint_tensors
     from gguf_factory import random_llama_state_dict, write_llama_gguf
 
-    ckpt = save_quantized(str(make_checkpoint(tmp_path / "hf", "llama31")), tmp_path / "fp8", "fp8")
+    ckpt = save_quantized(str(make_checkpoint(tmp_path / "hf", "llama31")), tmp_path / "fp8", "fp8-w8a8")
     whole = dict(iter_checkpoint_tensors(ModelSource("hf", ckpt, "x")))
 
     def select(name, shape):
@@ -285,7 +285,7 @@ def tiny31(tmp_path_factory):
     return str(make_checkpoint(tmp_path_factory.mktemp("tp31"), "llama31"))  # 8 heads, 2 KV heads
 
 
-@pytest.mark.parametrize("quant", ["none", "fp8"])
+@pytest.mark.parametrize("quant", ["none", "fp8-w8a8"])  # W8A8: row-parallel layers share per-token scales
 def test_tp2(tiny31, quant):
     """TP=2 on the llama31-style checkpoint (KV heads split): weights, layers, free-running; then the
     lifecycle: for fp8 a killed worker (the request fails at once with an error naming the rank, and so
@@ -332,8 +332,8 @@ def test_tp2(tiny31, quant):
 def test_tp4_replicates_kv_heads(tiny31):
     """8 heads, 2 KV heads over 4 ranks: each KV head lives on two ranks (fp8)."""
     prompt = _ids(40, 1)
-    ref = make_reference(tiny31, "fp8", prompt, [_ids(12, 6)], GEN_TOKENS)
-    llm = LLM(tiny31, quantization="fp8", tensor_parallel_size=4, **ENGINE)
+    ref = make_reference(tiny31, "fp8-w8a8", prompt, [_ids(12, 6)], GEN_TOKENS)
+    llm = LLM(tiny31, quantization="fp8-w8a8", tensor_parallel_size=4, **ENGINE)
     try:
         assert llm.engine.model.num_kv_heads == 1
         check_weights(ref, llm)
@@ -402,7 +402,7 @@ CHAT = [{"role": "user", "content": "Give me three tips for writing clean Python
 
 
 @needs_smollm2
-@pytest.mark.parametrize("quant", ["none", "fp8"])
+@pytest.mark.parametrize("quant", ["none", "fp8"])  # fp8: the CPU default, weight-only
 def test_smollm2_tp3(quant):
     """9 heads and 3 KV heads over 3 ranks (one KV head each), read from the GGUF by slices."""
     from fp8_turbo.engine.checkpoints.source import resolve_model

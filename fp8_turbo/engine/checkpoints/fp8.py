@@ -8,9 +8,10 @@ Formats read (config.json `quantization_config`):
 - transformers `fp8` (`weight_block_size: [128, 128]`, dynamic activations): `weight_scale_inv` per block.
 - `fbgemm_fp8`: row-wise `weight_scale`, dynamic per-token activations, `modules_to_not_convert`.
 
-Every format maps to one of our Linear schemes by its activation quantization (token -> fp8,
-tensor -> fp8-tensor, group -> fp8-block, none -> fp8-weight-only); the weight keeps the checkpoint's
-own scales. Fused layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj) get one scale tensor built from
+Every format maps to one of our Linear schemes by its activation quantization (token -> fp8-w8a8,
+tensor -> fp8-tensor, group -> fp8-block, none -> fp8-weight-only) and runs that scheme on every
+backend (a W8A8 checkpoint stays W8A8 where `quantization="fp8"` alone would pick weight-only); the
+weight keeps the checkpoint's own scales. Fused layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj) get one scale tensor built from
 the shard scales *exactly*, never by requantizing:
 - per-tensor shard scales that differ become a per-row scale [N, 1] (each row repeats its shard's scale);
 - per-channel scales are concatenated;
@@ -47,9 +48,10 @@ SKIPPED_LEAVES = ("input_scale_ub", "k_scale", "v_scale", "output_scale")  # not
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.json", "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 # our scheme -> (compressed-tensors weight strategy, input activation strategy or None)
-CT_STRATEGIES = {"fp8": ("channel", "token"), "fp8-tensor": ("tensor", "tensor"),
+# (the schemes a checkpoint can hold: finer group / MXFP8 weight scales are not written yet)
+CT_STRATEGIES = {"fp8-w8a8": ("channel", "token"), "fp8-tensor": ("tensor", "tensor"),
                  "fp8-block": ("block", "group"), "fp8-weight-only": ("channel", None)}
-_ACT_TO_SCHEME = {"token": "fp8", "tensor": "fp8-tensor", "group": "fp8-block", None: "fp8-weight-only"}
+_ACT_TO_SCHEME = {"token": "fp8-w8a8", "tensor": "fp8-tensor", "group": "fp8-block", None: "fp8-weight-only"}
 
 
 class Fp8CheckpointError(ValueError):
@@ -70,11 +72,12 @@ class Fp8Checkpoint:
         """The checkpoint decides the scheme and its ignore list replaces our default one; patterns the
         user adds beyond the default keep more layers in high precision (their FP8 weights are
         dequantized exactly)."""
-        if requested.scheme not in ("none", self.scheme):
+        if requested.scheme not in ("none", self.scheme) and not requested.is_alias:
             logger.warning("checkpoint is pre-quantized as %s (%s); ignoring quantization=%r",
                            self.scheme, self.method, requested.scheme)
         extra = tuple(p for p in requested.ignore if p not in DEFAULT_IGNORE)
-        return QuantConfig(self.scheme, tuple(dict.fromkeys((*self.ignore, *extra))))
+        return QuantConfig(self.scheme, tuple(dict.fromkeys((*self.ignore, *extra))), requested.device,
+                           f"checkpoint ({self.method})")
 
 
 # ---------------------------------------------------------------------------------------- detect
@@ -131,7 +134,7 @@ def detect(hf_config: dict, cfg: ModelConfig) -> Fp8Checkpoint | None:
         if qc.get("activation_scale_ub") is not None:
             logger.info("fbgemm_fp8: activation_scale_ub=%s is not applied (per-token scales are unclamped)",
                         qc["activation_scale_ub"])
-        return Fp8Checkpoint("fbgemm_fp8", "fp8", ignore, "weight_scale", False)
+        return Fp8Checkpoint("fbgemm_fp8", "fp8-w8a8", ignore, "weight_scale", False)
     raise Fp8CheckpointError(f"quantization_config.quant_method={method!r} is not supported; "
                              "supported: 'compressed-tensors', 'fp8', 'fbgemm_fp8'")
 
@@ -330,7 +333,7 @@ def quantized_tensors(tensors: Iterator[tuple[str, torch.Tensor]], quant: QuantC
     module to its (e4m3 weight, scale), written as given; `hp_tensors` replaces high-precision tensors
     by name (norm weights with smoothing folded in), stored in the source tensor's dtype, which must hold
     them exactly."""
-    w_gran = {"fp8": "channel", "fp8-tensor": "tensor", "fp8-block": "block", "fp8-weight-only": "channel"}[quant.scheme]
+    w_gran = CT_STRATEGIES[quant.scheme][0]
     hp_left = dict(hp_tensors or {})
     for name, t in tensors:
         module, _, leaf = name.rpartition(".")
@@ -372,12 +375,14 @@ def _replacement(name: str, source: torch.Tensor, new: torch.Tensor) -> torch.Te
 def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tuple[str, ...] = DEFAULT_IGNORE,
                    input_scales: dict[str, torch.Tensor] | None = None, *,
                    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   hp_tensors: dict[str, torch.Tensor] | None = None, recipe: dict | None = None) -> Path:
+                   hp_tensors: dict[str, torch.Tensor] | None = None, recipe: dict | None = None,
+                   device: torch.device | str | None = None) -> Path:
     """Write `model` (an HF dir, .gguf file or model id) as a compressed-tensors FP8 checkpoint in `out`:
     config.json with quantization_config, tokenizer files, model.safetensors with F8_E4M3 weights,
-    fp32 scales and unfused HF names. `input_scales` (fused module name -> amax / 448) makes the
-    fp8-tensor activations static. `weights` / `hp_tensors`: a calibrated result (see
-    `quantized_tensors`); `recipe` is recorded in the safetensors metadata (`fp8_turbo_recipe`)."""
+    fp32 scales and unfused HF names. "fp8" is written as the scheme it means on `device` (None: this
+    machine's default device; engine.model.schemes.fp8_scheme). `input_scales` (fused module name ->
+    amax / 448) makes the fp8-tensor activations static. `weights` / `hp_tensors`: a calibrated result
+    (see `quantized_tensors`); `recipe` is recorded in the safetensors metadata (`fp8_turbo_recipe`)."""
     from safetensors.torch import save_file
 
     from fp8_turbo.tokenizer import load_tokenizer
@@ -389,9 +394,13 @@ def save_quantized(model: str, out: str | Path, scheme: str = "fp8", ignore: tup
     cfg = ModelConfig.from_hf_dict(hf_config)
     if cfg.tie_word_embeddings:  # lm_head is the embedding matrix: stored once, unquantized
         ignore = (*ignore, "lm_head")
-    quant = QuantConfig(scheme, ignore).for_model(cfg.num_layers)
+    quant = QuantConfig(scheme, ignore, device).for_model(cfg.num_layers)
     if quant.scheme == "none":
         raise ValueError("save_quantized: scheme 'none' writes nothing quantized; pick an fp8 scheme")
+    if quant.scheme not in CT_STRATEGIES:
+        raise ValueError(f"save_quantized: scheme {quant.scheme!r} cannot be written as a checkpoint yet; "
+                         f"writable: {tuple(CT_STRATEGIES)} (or 'fp8')")
+    scheme = quant.scheme
     ignored = [n for n in linear_names(cfg) if not (quant.applies_to(n) and quant.applies_to(fused_name(n)))]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

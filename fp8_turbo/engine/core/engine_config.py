@@ -15,7 +15,9 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 @dataclass(slots=True)
 class EngineConfig:
     model: str
-    quantization: str | None = None  # None/"none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only"
+    # None/"none", "fp8" (the backend's pick: engine.model.schemes.fp8_scheme), or a scheme by name
+    # ("fp8-w8a8", "fp8-weight-only", "fp8-block", "fp8-tensor", finer "-g32"/"-g64"/"-g128"/"-mx" ones)
+    quantization: str | None = None
     quantization_ignore: tuple[str, ...] = DEFAULT_IGNORE  # module patterns kept in high precision
     kv_cache_dtype: str = "auto"
     device: str = "auto"  # "auto" -> cuda when available, else cpu

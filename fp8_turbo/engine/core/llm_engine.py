@@ -70,9 +70,11 @@ class LLMEngine:
     def _init(self, config: EngineConfig, t0: float) -> None:
         self.tokenizer: Tokenizer = load_tokenizer(self.source.path)
         self.dtype = config.torch_dtype(self.device)
-        quant = QuantConfig(config.quantization, config.quantization_ignore)
+        quant = QuantConfig(config.quantization, config.quantization_ignore, self.device)
         self.model = build_model(self.source, self.model_config, quant, self.device, self.dtype,
                                  self.workers.tp if self.workers else None)
+        self.quant_scheme = self.model.quant.scheme  # what runs: the backend's pick for "fp8", or the checkpoint's
+        logger.info("quantization: %s", self.model.quant.describe())
         self.model.store_vocab_matrices(config.vocab_matrices_dtype(self.device, self.model.is_quantized))
         self.load_seconds = time.perf_counter() - t0
 
@@ -131,7 +133,7 @@ class LLMEngine:
             for dt in (self.dtype, torch.float8_e4m3fn)
         }
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache %s: %d blocks x %d tokens = %d tokens (capacity by dtype: %s)%s",
-                    config.model, config.quantization, self.dtype, self.load_seconds, self.kv_dtype, num_blocks,
+                    config.model, self.quant_scheme, self.dtype, self.load_seconds, self.kv_dtype, num_blocks,
                     config.block_size, self.kv_capacity_tokens, self.kv_capacity_by_dtype,
                     f"; FP8 KV scales {self.kv_scale_source}" if self.kv_scale_source else "")
         if self.memory_plan is not None:

@@ -70,8 +70,10 @@ def weight_bytes(model: LlamaModel, dtype: torch.dtype) -> int:
     for m in model.modules():
         if isinstance(m, Linear) and m.scheme != "none":
             n, k = m.out_features, m.in_features
-            scales = {"channel": n, "tensor": 1, "block": -(-n // 128) * -(-k // 128)}[m.weight_granularity]
-            total += n * k + 4 * scales
+            g = m.spec.group
+            scale_bytes = {"channel": 4 * n, "tensor": 4, "block": 4 * -(-n // 128) * -(-k // 128),
+                           "group": 4 * n * -(-k // g), "mx": n * -(-k // g)}[m.weight_granularity]
+            total += n * k + scale_bytes
             linear_params.add(id(m.weight))
     for p in model.parameters():  # deduplicated: a tied lm_head counts once
         if id(p) not in linear_params:

@@ -189,7 +189,7 @@ class Worker:
         self.config, self.device = config, device
         source = resolve_model(config.model)
         cfg = ModelConfig.from_hf_dict(read_hf_config(source))
-        quant = QuantConfig(config.quantization, config.quantization_ignore)
+        quant = QuantConfig(config.quantization, config.quantization_ignore, device)
         self.model = build_model(source, cfg, quant, device, config.torch_dtype(device), tp)
         self.model.set_deterministic(config.deterministic)  # as rank 0's engine does
         self.model.store_vocab_matrices(config.vocab_matrices_dtype(device, self.model.is_quantized))

@@ -1,9 +1,9 @@
 """Accuracy of FP8 configurations against the unquantized model, on held-out text.
 
 A configuration is a scheme, its ignore list and optional calibration methods (engine.lab.recipe);
-methods are calibrated on one corpus and every configuration is scored on another
-(engine.lab.corpora: Python's docs for calibration, the standard library's docstrings for scoring,
-or the user's files). Per configuration, over the scored windows:
+methods are calibrated on one corpus and every configuration is scored on others, each on its own
+(engine.lab.corpora: Python's docs for calibration; the standard library's docstrings and license
+texts, two other domains, for scoring; or the user's files). Per configuration and scored corpus:
 - perplexity and its change against the unquantized model;
 - KL(base || quant) of the next-token distributions: mean and 99th percentile over tokens (linear
   interpolation, as llama.cpp's perplexity tool prints its "99.0% KLD");
@@ -18,10 +18,14 @@ or the user's files). Per configuration, over the scored windows:
 
 Each window is one prefill through the engine's own model (paged KV cache). The base model's
 log-probabilities are computed once and kept on disk, so configurations are built and scored one
-at a time (one quantized model in memory). A progress bar with an ETA goes to stderr.
+at a time (one quantized model in memory). A configuration without methods quantizes the base
+model's Linears in place (`quantized_in_place`: exactly what `LLM(quantization=scheme)` loads) and
+restores them afterwards, so only calibrated ones load a model of their own. A progress bar with an
+ETA goes to stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import tempfile
@@ -32,10 +36,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fp8_turbo.engine.lab.corpora import CALIBRATION_CORPUS, SCORING_CORPUS, corpus_text, corpus_windows, heldout_text
-from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, Linear
+from fp8_turbo.engine.lab.corpora import CALIBRATION_CORPUS, SCORING_CORPUS, corpus_text, corpus_windows, named_text
+from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, Linear, QuantConfig
+from fp8_turbo.engine.model.schemes import resolve_scheme
 
-DEFAULT_SCHEMES = ("fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
+DEFAULT_SCHEMES = ("fp8-w8a8", "fp8-tensor", "fp8-block", "fp8-weight-only")  # "fp8" is one of them per backend
 # Every configuration keeps the embedding and a high-precision lm_head in the model's dtype
 # (lm_head_dtype="model"; "auto" stores them in bf16 for FP8 on CPU), so rows differ only in their
 # decoder linear layers, and a calibrated model (loaded unquantized, then quantized) matches its peers.
@@ -52,6 +57,7 @@ class EvalConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     methods: tuple[str, ...] = ()
     sequential: bool = True  # see engine.lab.recipe.Recipe; False shares one statistics pass
+    damp: float = 0.01  # GPTQ damping (engine.lab.recipe.Recipe)
 
     @classmethod
     def of(cls, c) -> "EvalConfig":
@@ -78,6 +84,7 @@ class EvalResult:
     same_top_se: float = 0.0
     calib_seconds: float = 0.0
     sequential: bool = True
+    corpus: str = ""  # the scored corpus (engine.lab.corpora name or file)
 
 
 def sequence_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -124,6 +131,7 @@ class TokenStats:
         return torch.cat(self.kls) if self.kls else torch.zeros(0)
 
     def result(self, label: str, scheme: str, ignore, base_nll_per_token: float, model, **extra) -> EvalResult:
+        """`model`'s bytes go in the result; `extra`: further EvalResult fields."""
         ppl = math.exp(self.nll / self.n)
         kl = self.kl.double()
         p = self.same / max(self.same_n, 1)
@@ -159,14 +167,45 @@ class SqnrProbe:
 
 def linear_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes of decoder linear weights kept in bf16, bytes of all decoder linear weights) at 1 byte per
-    FP8 weight and 2 per bf16 weight; lm_head and embeddings are not counted."""
+    FP8 weight plus its scales as stored (fp32, or one E8M0 byte each), and 2 per bf16 weight; lm_head
+    and embeddings are not counted."""
     hp = total = 0
     for m in model.modules():
         if isinstance(m, Linear) and m.name != "lm_head":
             n = m.in_features * m.out_features
-            hp += 0 if m.scheme != "none" else 2 * n
-            total += n if m.scheme != "none" else 2 * n
+            if m.scheme == "none":
+                hp += 2 * n
+                total += 2 * n
+            else:
+                total += n + m.weight_scale.numel() * m.weight_scale.element_size()
     return hp, total
+
+
+@contextlib.contextmanager
+def quantize_only(m: Linear, scheme: str):
+    """Temporarily quantize one unquantized Linear with `scheme` (restores its weight afterwards)."""
+    assert m.scheme == "none", f"{m.name} is already quantized ({m.scheme})"
+    weight = m.weight
+    m.scheme = resolve_scheme(scheme, weight.device)  # "fp8": the backend's pick
+    try:
+        m.finalize()
+        yield m
+    finally:
+        m.scheme, m.weight, m.weight_fp8, m.weight_scale = "none", weight, None, None
+
+
+@contextlib.contextmanager
+def quantized_in_place(llm, scheme: str, ignore: tuple[str, ...]):
+    """The unquantized `llm` with every Linear that QuantConfig(scheme, ignore) quantizes quantized with
+    amax scales, as LLM(quantization=scheme, quantization_ignore=ignore) loads them (the same
+    Linear.finalize on the same weights); the model is restored on exit."""
+    net = llm.engine.model
+    quant = QuantConfig(scheme, ignore, llm.engine.device).for_model(net.cfg.num_layers)
+    with contextlib.ExitStack() as stack:
+        for m in net.modules():
+            if isinstance(m, Linear) and quant.applies_to(m.name):
+                stack.enter_context(quantize_only(m, quant.scheme))
+        yield llm
 
 
 def _weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -186,47 +225,66 @@ def build_config(model: str, config: EvalConfig, calib_windows: list[list[int]] 
     if not calib_windows:
         raise ValueError(f"{config.label}: methods {config.methods} need calibration windows")
     llm = LLM(model, quantization="none", **KV_OPTIONS)
-    recipe = Recipe(config.scheme, config.ignore, config.methods, sequential=config.sequential)
+    recipe = Recipe(config.scheme, config.ignore, config.methods, sequential=config.sequential, damp=config.damp)
     calib = calibrate(llm, calib_windows, recipe, keep_reference=True, stats=stats, log=log)
     return llm, calib
 
 
+def scored_windows(tokenizer, windows=None, corpus=None, corpora=None, window: int = 512,
+                   tokens: int = 16384) -> dict[str, list[list[int]]]:
+    """{corpus name: windows} to score: `windows` as given (named `corpus` or "given"), else `tokens` of
+    each of `corpora` (names or files; default: the one `corpus`, or the standard-library docstrings)."""
+    if windows is not None:
+        return {corpus or "given": windows}
+    names = list(corpora) if corpora else [corpus or SCORING_CORPUS]
+    return {str(n): corpus_windows(tokenizer, named_text(n), window, tokens) for n in names}
+
+
 @torch.inference_mode()
 def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, *, corpus: str | None = None,
-             tokens: int = 16384, window: int = 512, calib_windows: list[list[int]] | None = None,
-             calib_corpus: str | None = None, calib_tokens: int = 4096, sqnr_windows: int = 1, log=print,
-             progress: bool = True, on_result=None) -> tuple[list[EvalResult], list[list[int]]]:
-    """configs: EvalConfigs or (label, scheme, ignore[, methods]) tuples. Scores on `windows` (default:
-    `tokens` of the held-out corpus); methods calibrate on `calib_windows` (default: `calib_tokens` of
-    the calibration corpus). Returns one EvalResult per config, the unquantized model first.
-    `on_result(result)` is called as each result is ready (a long run keeps what it finished)."""
+             corpora: list[str] | None = None, tokens: int = 16384, window: int = 512,
+             calib_windows: list[list[int]] | None = None, calib_corpus: str | None = None, calib_tokens: int = 4096,
+             sqnr_windows: int = 1, log=print, progress: bool = True,
+             on_result=None) -> tuple[list[EvalResult], dict[str, list[list[int]]]]:
+    """configs: EvalConfigs or (label, scheme, ignore[, methods]) tuples. Scores on `windows` (named
+    `corpus`), else on `tokens` of each of `corpora` (default: the held-out `corpus` alone);
+    methods calibrate on `calib_windows` (default: `calib_tokens` of the calibration corpus). Returns one
+    EvalResult per config and scored corpus (the unquantized model first; a config's corpora together,
+    in `corpora` order) and the scored windows by corpus. `on_result(result)` is called as each result is
+    ready (a long run keeps what it finished)."""
     from fp8_turbo.engine.llm import LLM
 
     configs = [EvalConfig.of(c) for c in configs]
     base = LLM(model, quantization="none", **KV_OPTIONS)
-    if windows is None:
-        windows = corpus_windows(base.tokenizer, heldout_text(corpus), window, tokens)
+    scored = scored_windows(base.tokenizer, windows, corpus, corpora, window, tokens)
     if calib_windows is None and any(c.methods for c in configs):
         calib_windows = corpus_windows(base.tokenizer, corpus_text(calib_corpus), window, calib_tokens)
     layers = base.engine.model_config.num_layers
     share = any(c.methods and not c.sequential for c in configs)
-    total = len(windows) * (1 + len(configs)) + layers * (sum(bool(c.methods) for c in configs) + share)
+    n_windows = sum(len(w) for w in scored.values())
+    total = n_windows * (1 + len(configs)) + layers * (sum(bool(c.methods) for c in configs) + share)
     bar = tqdm(total=total, desc="eval", unit="step", file=sys.stderr, disable=not progress, smoothing=0.1)
-    targets = [torch.tensor(ids[1:]) for ids in windows]
     results = []
-    with tempfile.TemporaryDirectory(prefix="fp8turbo-eval-") as tmp:
-        base_stats = TokenStats()
-        for i, ids in enumerate(windows):
-            logits = sequence_logits(base, ids)
-            logp = torch.log_softmax(logits[:-1], dim=-1)
-            torch.save(logp, Path(tmp) / f"{i}.pt")
-            base_stats.add(logp, logits, targets[i])
-            bar.set_postfix_str("none")
-            bar.update()
-        base_nll = base_stats.nll / base_stats.n
-        results.append(base_stats.result("none", "none", (), base_nll, base.engine.model))
+
+    def emit(r: EvalResult) -> None:
+        results.append(r)
         if on_result is not None:
-            on_result(results[-1])
+            on_result(r)
+
+    with tempfile.TemporaryDirectory(prefix="fp8turbo-eval-") as tmp:
+        base_nll = {}
+        for c, wins in enumerate(scored.values()):
+            stats = TokenStats()
+            for i, ids in enumerate(wins):
+                logits = sequence_logits(base, ids)
+                logp = torch.log_softmax(logits[:-1], dim=-1)
+                torch.save(logp, Path(tmp) / f"{c}-{i}.pt")
+                stats.add(logp, logits, torch.tensor(ids[1:]))
+                bar.set_postfix_str("none")
+                bar.update()
+            name = list(scored)[c]
+            base_nll[name] = stats.nll / stats.n
+            emit(stats.result("none", "none", (), base_nll[name], base.engine.model, corpus=name))
         base_w = _weights(base.engine.model)
         shared = None
         if share:  # one statistics pass of the unquantized model for every non-sequential config
@@ -238,62 +296,38 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
             log(f"calibration statistics of {len(calib_windows)} windows in {time.perf_counter() - t0:.0f}s")
         for config in configs:
             bar.set_postfix_str(config.label)
-
-            def step(msg: str) -> None:
-                bar.update()
-
             t0 = time.perf_counter()
-            llm, calib = build_config(model, config, calib_windows, log=step,
-                                      stats=shared if config.methods and not config.sequential else None)
-            calib_seconds = time.perf_counter() - t0 if calib is not None else 0.0
-            reference = dict(base_w)
-            if calib is not None:
-                reference.update({n: (w, base_w[n][1]) for n, w in calib.reference.items()})
-            probe = SqnrProbe(llm.engine.model, reference)
-            stats, sqnr = TokenStats(), {}
-            for i, ids in enumerate(windows):
-                stats.add(torch.load(Path(tmp) / f"{i}.pt"), sequence_logits(llm, ids), targets[i])
-                if i + 1 == sqnr_windows:
-                    sqnr = probe.close()
-                bar.update()
-            sqnr = sqnr or probe.close()
-            results.append(stats.result(config.label, config.scheme, config.ignore, base_nll, llm.engine.model,
-                                        sqnr_db=sqnr, methods=list(config.methods), calib_seconds=calib_seconds,
-                                        sequential=config.sequential))
-            r = results[-1]
-            if on_result is not None:
-                on_result(r)
-            log(f"{config.label}: ppl {r.ppl:.3f} ({r.ppl_delta_pct:+.2f}%), KL {r.kl:.4f} (p99 {r.kl_p99:.4f}), "
-                f"top-1 {100 * r.top1:.2f}%, same top {100 * r.same_top:.2f}%")
-            del llm, calib, reference, probe
+            with contextlib.ExitStack() as stack:
+                if config.methods:
+                    llm, calib = build_config(model, config, calib_windows, log=lambda msg: bar.update(),
+                                              stats=shared if not config.sequential else None)
+                else:  # amax scales: the base model's Linears quantized in place, restored afterwards
+                    llm, calib = stack.enter_context(quantized_in_place(base, config.scheme, config.ignore)), None
+                calib_seconds = time.perf_counter() - t0 if calib is not None else 0.0
+                reference = dict(base_w)
+                if calib is not None:
+                    reference.update({n: (w, base_w[n][1]) for n, w in calib.reference.items()})
+                probe, sqnr = SqnrProbe(llm.engine.model, reference), {}
+                for c, (name, wins) in enumerate(scored.items()):
+                    stats = TokenStats()
+                    for i, ids in enumerate(wins):
+                        stats.add(torch.load(Path(tmp) / f"{c}-{i}.pt"), sequence_logits(llm, ids), torch.tensor(ids[1:]))
+                        if c == 0 and i + 1 == sqnr_windows:
+                            sqnr = probe.close()
+                        bar.update()
+                    sqnr = sqnr or probe.close()
+                    r = stats.result(config.label, config.scheme, config.ignore, base_nll[name], llm.engine.model,
+                                     sqnr_db=sqnr, methods=list(config.methods), calib_seconds=calib_seconds,
+                                     sequential=config.sequential, corpus=name)
+                    emit(r)
+                    log(f"{config.label} on {name}: ppl {r.ppl:.3f} ({r.ppl_delta_pct:+.2f}%), KL {r.kl:.4f} "
+                        f"(p99 {r.kl_p99:.4f}), top-1 {100 * r.top1:.2f}%, same top {100 * r.same_top:.2f}%")
+                del llm, calib, reference, probe
     bar.close()
-    return results, windows
+    return results, scored
 
 
-def corpus_meta(corpus: str | None, calib_corpus: str | None) -> dict:
-    return {"corpus": corpus or SCORING_CORPUS, "calib_corpus": calib_corpus or CALIBRATION_CORPUS,
-            "python": sys.version.split()[0]}
-
-
-@torch.inference_mode()
-def calibrate_input_scales(model: str, tokens: int = 2048, window: int = 512, corpus: str | None = None) -> dict[str, torch.Tensor]:
-    """Static per-tensor activation scales (amax / 448 of each linear layer's input over the corpus),
-    keyed by fused module name, for an fp8-tensor checkpoint with static input_scale."""
-    from fp8_turbo.engine.llm import LLM
-    from fp8_turbo.kernels.fp8 import compute_scale
-
-    llm = LLM(model, quantization="none", **KV_OPTIONS)
-    amax: dict[str, torch.Tensor] = {}
-
-    def hook(m, inputs, out):
-        a = inputs[0].detach().abs().amax().float()
-        amax[m.name] = torch.maximum(amax.get(m.name, a), a)
-
-    handles = [m.register_forward_hook(hook) for m in llm.engine.model.modules() if isinstance(m, Linear)]
-    try:
-        for ids in corpus_windows(llm.tokenizer, corpus_text(corpus), min(window, tokens), tokens):
-            sequence_logits(llm, ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: compute_scale(a.reshape(1)) for name, a in amax.items()}
+def corpus_meta(corpus: str | None, calib_corpus: str | None, corpora: list[str] | None = None) -> dict:
+    scored = list(corpora) if corpora else [corpus or SCORING_CORPUS]
+    return {"corpus": ", ".join(map(str, scored)), "corpora": [str(c) for c in scored],
+            "calib_corpus": calib_corpus or CALIBRATION_CORPUS, "python": sys.version.split()[0]}

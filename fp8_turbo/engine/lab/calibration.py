@@ -152,3 +152,28 @@ def collect_all(llm, windows: list[list[int]], sample_tokens: int, log=print) ->
         runner.release()
     return stats
 
+
+@torch.inference_mode()
+def calibrate_input_scales(model: str, tokens: int = 2048, window: int = 512, corpus: str | None = None) -> dict[str, torch.Tensor]:
+    """Static per-tensor activation scales (amax / 448 of each linear layer's input over the corpus),
+    keyed by fused module name, for an fp8-tensor checkpoint with static input_scale."""
+    from fp8_turbo.engine.lab.accuracy import KV_OPTIONS, sequence_logits
+    from fp8_turbo.engine.lab.corpora import corpus_text, corpus_windows
+    from fp8_turbo.engine.llm import LLM
+    from fp8_turbo.kernels.fp8 import compute_scale
+
+    llm = LLM(model, quantization="none", **KV_OPTIONS)
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(m, inputs, out):
+        a = inputs[0].detach().abs().amax().float()
+        amax[m.name] = torch.maximum(amax.get(m.name, a), a)
+
+    handles = [m.register_forward_hook(hook) for m in llm.engine.model.modules() if isinstance(m, Linear)]
+    try:
+        for ids in corpus_windows(llm.tokenizer, corpus_text(corpus), min(window, tokens), tokens):
+            sequence_logits(llm, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: compute_scale(a.reshape(1)) for name, a in amax.items()}

@@ -27,7 +27,7 @@ from fp8_turbo.engine.lab.calibration import ActivationStats, BlockRunner, colle
 from fp8_turbo.engine.lab.gptq import gptq_quantize
 from fp8_turbo.engine.lab.scale_search import DEFAULT_RATIOS, search_scale
 from fp8_turbo.engine.lab.smoothquant import DEFAULT_ALPHAS, fold, search_alpha, smoothing_pairs
-from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES, SCHEME_GRANULARITY, Linear, QuantConfig
+from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES, SCHEMES, Linear, QuantConfig
 from fp8_turbo.kernels.fp8 import FP8_DTYPE, expand_scale, quantize_weight, round_to_e4m3
 
 METHODS = ("smooth", "search", "gptq")  # the order they run in
@@ -117,17 +117,18 @@ class CalibrationResult:
 
 
 def quantize_linear(w: torch.Tensor, rows: list[int], granularity: str, stats: ActivationStats | None,
-                    recipe: Recipe) -> QuantizedLinear:
-    """One (fused) weight [N, K] -> e4m3 with per-shard scales, by the recipe's weight methods."""
+                    recipe: Recipe, group: int = 128) -> QuantizedLinear:
+    """One (fused) weight [N, K] -> e4m3 with per-shard scales, by the recipe's weight methods
+    (`group`: the K extent of "group" scales)."""
     w = w.float()
     k = w.shape[1]
     scales, start = [], 0
     for r in rows:
         shard = w[start:start + r]
         if stats is not None and "search" in recipe.methods:
-            s = search_scale(shard, stats.hessian, granularity, recipe.ratios)
+            s = search_scale(shard, stats.hessian, granularity, recipe.ratios, group)
         else:
-            s = quantize_weight(shard, granularity)[1]
+            s = quantize_weight(shard, granularity, group)[1]
         scales.append(s)
         start += r
     full = torch.cat([expand_scale(s, r, k).expand(r, k) for s, r in zip(scales, rows)])  # [N, K]
@@ -162,8 +163,9 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
     if net.tp.size != 1:
         raise ValueError(f"calibrate() runs on one device; got a tensor-parallel shard (size {net.tp.size})")
     ignore = (*recipe.ignore, "lm_head") if cfg.tie_word_embeddings else recipe.ignore  # a tied head stays
-    quant = QuantConfig(recipe.scheme, ignore).for_model(cfg.num_layers)
-    w_gran, a_gran = SCHEME_GRANULARITY[recipe.scheme]
+    quant = QuantConfig(recipe.scheme, ignore, llm.engine.device).for_model(cfg.num_layers)
+    spec = SCHEMES[quant.scheme]
+    w_gran, a_gran = spec.weight, spec.act
     result = CalibrationResult(recipe, {}, {})
     if recipe.needs_data and not recipe.sequential and stats is None:
         stats = collect_all(llm, windows, recipe.sample_tokens, log=lambda msg: None)
@@ -177,9 +179,9 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
         rows = m.part_sizes if len(shard_names(m.name)) > 1 else [m.out_features]
         if keep_reference:
             result.reference[m.name] = m.weight.data.clone()
-        ql = quantize_linear(m.weight.data, rows, w_gran, act_stats, recipe)
+        ql = quantize_linear(m.weight.data, rows, w_gran, act_stats, recipe, spec.group)
         result.weights[m.name] = ql
-        m.scheme = recipe.scheme
+        m.scheme = quant.scheme
         m.set_fp8_weight(ql.q, ql.fused_scale())
 
     try:
@@ -193,7 +195,8 @@ def calibrate(llm, windows: list[list[int]], recipe: Recipe, *, keep_reference: 
                 for pair in smoothing_pairs(block):
                     if pair.consumer.name not in block_stats:
                         continue  # consumer kept in high precision: nothing to gain
-                    alpha, s = search_alpha(pair, block_stats[pair.consumer.name], a_gran, w_gran, recipe.alphas)
+                    alpha, s = search_alpha(pair, block_stats[pair.consumer.name], a_gran, w_gran, recipe.alphas,
+                                            spec.group, spec.act_pow2)
                     result.alphas[f"layers.{i}.{pair.name}"] = alpha
                     if s is None:
                         continue

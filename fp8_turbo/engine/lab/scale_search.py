@@ -12,7 +12,9 @@ The objective is the output error over the calibration tokens, sum_n e_n H e_n^T
 quantization error of output row n and H = X^T X (engine.lab.calibration), so no activations are kept.
 r = 1 (amax) is always a candidate and wins ties, so the calibration error never exceeds amax's.
 Per-block search scores each 128x128 block with the diagonal 128x128 block of H (the error of other
-column blocks is held fixed, cross terms between column blocks are left out).
+column blocks is held fixed, cross terms between column blocks are left out); per-group scales (1 x g
+along K) the same way, with the diagonal g x g block of H for each group of each row. MXFP8's
+power-of-two scales have no finer candidates than amax's own (r = 2 is the same grid): no search.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from fp8_turbo.kernels.fp8 import expand_scale, quantize_weight, round_to_e4m3
 DEFAULT_RATIOS = (1.0, 0.9, 0.95, *(2.0 ** (j / 16) for j in range(1, 16)))
 
 
-def quantization_error(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+def quantization_error(w: torch.Tensor, scale: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """w - dequantize(quantize(w)) for a given scale of any layout (kernels.fp8 numerics)."""
     s = expand_scale(scale, *w.shape, block)
     return w - round_to_e4m3(w / s) * s
@@ -39,10 +41,15 @@ def output_error(err: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
 def search_scale(w: torch.Tensor, hessian: torch.Tensor, granularity: str = "channel",
                  ratios: tuple[float, ...] = DEFAULT_RATIOS, block: int = 128) -> torch.Tensor:
     """Scale of `w` [N, K] in the layout kernels.fp8.quantize_weight gives for `granularity`
-    ("channel" [N, 1], "tensor" [1], "block" [ceil(N/128), ceil(K/128)]) minimizing the output error."""
+    ("channel" [N, 1], "tensor" [1], "block" [ceil(N/128), ceil(K/128)], "group" [N, ceil(K/block)];
+    "mx" is returned as amax gives it) minimizing the output error."""
     w = w.float()
     h = hessian.to(device=w.device, dtype=torch.float32)
     base = quantize_weight(w, granularity, block)[1]
+    if granularity == "mx":
+        return base
+    if granularity == "group":
+        return _search_groups(w, h, base, ratios, block)
     if granularity in ("channel", "tensor"):
         best, best_loss = base.clone(), None
         for r in ratios:
@@ -58,7 +65,7 @@ def search_scale(w: torch.Tensor, hessian: torch.Tensor, granularity: str = "cha
             best_loss = torch.where(better, loss, best_loss)
         return best
     if granularity != "block":
-        raise ValueError(f"search_scale: granularity={granularity!r}; allowed: 'channel', 'tensor', 'block'")
+        raise ValueError(f"search_scale: granularity={granularity!r}; allowed: 'channel', 'tensor', 'block', 'group', 'mx'")
     n, k = w.shape
     nb = base.shape[0]
     best = base.clone()
@@ -77,5 +84,25 @@ def search_scale(w: torch.Tensor, hessian: torch.Tensor, granularity: str = "cha
                 continue
             better = loss < best_loss
             best[:, kb] = torch.where(better, s, best[:, kb])
+            best_loss = torch.where(better, loss, best_loss)
+    return best
+
+
+def _search_groups(w: torch.Tensor, h: torch.Tensor, base: torch.Tensor, ratios, group: int) -> torch.Tensor:
+    """Per row and 1 x `group` column group: the candidate with the least error under H's diagonal block."""
+    k = w.shape[1]
+    best = base.clone()
+    for kb in range(base.shape[1]):
+        cols = slice(kb * group, min((kb + 1) * group, k))
+        wk, hk = w[:, cols], h[cols, cols]
+        best_loss = None
+        for r in ratios:
+            s = base[:, kb:kb + 1] * r  # [N, 1]
+            loss = output_error(wk - round_to_e4m3(wk / s) * s, hk)  # [N]
+            if best_loss is None:
+                best_loss = loss
+                continue
+            better = loss < best_loss
+            best[:, kb] = torch.where(better, s[:, 0], best[:, kb])
             best_loss = torch.where(better, loss, best_loss)
     return best

@@ -6,11 +6,10 @@ choice of layers is calibration, and scoring must not see the text it was made o
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
-from fp8_turbo.engine.lab.accuracy import KV_OPTIONS, TokenStats
+from fp8_turbo.engine.lab.accuracy import KV_OPTIONS, TokenStats, quantize_only
 from fp8_turbo.engine.model.linear import Linear
 
 
@@ -42,19 +41,6 @@ def sensitivity_sweep(model: str, windows: list[list[int]], scheme: str = "fp8",
     for c in cached:
         c.release()
     return sorted(results, key=lambda r: -r["kl"])
-
-
-@contextmanager
-def quantize_only(m: Linear, scheme: str):
-    """Temporarily quantize one unquantized Linear with `scheme` (restores its weight afterwards)."""
-    assert m.scheme == "none", f"{m.name} is already quantized ({m.scheme})"
-    weight = m.weight
-    m.scheme = scheme
-    try:
-        m.finalize()
-        yield m
-    finally:
-        m.scheme, m.weight, m.weight_fp8, m.weight_scale = "none", weight, None, None
 
 
 class _BlockCache:

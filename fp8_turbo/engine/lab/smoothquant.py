@@ -95,29 +95,31 @@ def smoothing_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float,
 
 
 def migration_error(w: torch.Tensor, sample: torch.Tensor, s: torch.Tensor | None, act_granularity: str,
-                    weight_granularity: str) -> float:
-    """||X W^T - Q(X / s) Q(W * s)^T||^2 over the sample rows (fake-quant, kernels numerics)."""
+                    weight_granularity: str, group: int = 128, act_pow2: bool = False) -> float:
+    """||X W^T - Q(X / s) Q(W * s)^T||^2 over the sample rows (fake-quant, kernels numerics; `group`: the
+    K extent of group scales, `act_pow2`: power-of-two activation scales, as the scheme has them)."""
     sample = sample.to(w.device)
     s = s.to(w.device) if s is not None else None
     ref = sample @ w.T
     x, ws = (sample, w) if s is None else (sample / s, w * s)
-    wq = dequantize_fp8(*quantize_weight(ws, weight_granularity))
-    return (fake_quantize_fp8(x, act_granularity) @ wq.T - ref).pow(2).sum().item()
+    wq = dequantize_fp8(*quantize_weight(ws, weight_granularity, group))
+    return (fake_quantize_fp8(x, act_granularity, group, pow2=act_pow2) @ wq.T - ref).pow(2).sum().item()
 
 
 @torch.inference_mode()
 def search_alpha(pair: SmoothPair, stats: ActivationStats, act_granularity: str, weight_granularity: str,
-                 alphas: tuple[float, ...] = DEFAULT_ALPHAS) -> tuple[float | None, torch.Tensor | None]:
+                 alphas: tuple[float, ...] = DEFAULT_ALPHAS, group: int = 128,
+                 act_pow2: bool = False) -> tuple[float | None, torch.Tensor | None]:
     """The alpha (None: no smoothing) whose factors give the smallest migration_error on stats.sample."""
     w = pair.consumer.weight.data.float()
     best_alpha, best_s = None, None
-    best = migration_error(w, stats.sample, None, act_granularity, weight_granularity)
+    best = migration_error(w, stats.sample, None, act_granularity, weight_granularity, group, act_pow2)
     w_amax = w.abs().amax(0)
     for alpha in alphas:
         s = smoothing_factors(stats.amax.to(w.device), w_amax, alpha, pair.group)
         if torch.all(s == 1):
             continue
-        err = migration_error(w, stats.sample, s, act_granularity, weight_granularity)
+        err = migration_error(w, stats.sample, s, act_granularity, weight_granularity, group, act_pow2)
         if err < best:
             best, best_alpha, best_s = err, alpha, s
     return best_alpha, best_s

@@ -8,19 +8,12 @@ import torch
 from torch import nn
 
 from fp8_turbo import kernels
+from fp8_turbo.engine.model.schemes import FP8_ALIAS, QUANT_SCHEMES, SCHEMES, Scheme, fp8_scheme, resolve_scheme
 from fp8_turbo.kernels import cpu as cpu_kernels
 from fp8_turbo.kernels.backend import use_triton
 from fp8_turbo.engine.model.module_version import Versioned
 
-QUANT_SCHEMES = ("none", "fp8", "fp8-tensor", "fp8-block", "fp8-weight-only")
-
-# scheme -> (weight scale granularity, activation granularity or None for high-precision activations)
-SCHEME_GRANULARITY = {
-    "fp8": ("channel", "token"),
-    "fp8-tensor": ("tensor", "tensor"),
-    "fp8-block": ("block", "group"),
-    "fp8-weight-only": ("channel", None),
-}
+__all__ = ["DEFAULT_IGNORE", "QUANT_SCHEMES", "SCHEMES", "Linear", "QuantConfig"]
 
 
 # Kept in high precision by default: lm_head, and the last decoder block's MLP. The sensitivity sweep
@@ -34,23 +27,39 @@ DEFAULT_IGNORE = ("lm_head", "model.layers.{last}.mlp.*")
 class QuantConfig:
     """Which layers are quantized, and how.
 
+    `scheme` takes any name `quantization=` accepts; "fp8" becomes the scheme `schemes.fp8_scheme`
+    picks for `device` (None: CUDA when available, else CPU), and `requested` keeps the name asked for.
     `ignore` holds fnmatch patterns of module names kept in high precision ("{last}" stands for the
     last layer's index, see `for_model`); embeddings are never quantized.
     """
 
     scheme: str = "none"
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    device: torch.device | str | None = None
+    requested: str = ""
 
     def __post_init__(self) -> None:
-        if self.scheme is None:
-            self.scheme = "none"
-        if self.scheme not in QUANT_SCHEMES:
-            raise ValueError(f"quantization must be one of {QUANT_SCHEMES} (or None), got {self.scheme!r}")
+        self.requested = self.requested or ("none" if self.scheme is None else self.scheme)
+        self.scheme = resolve_scheme(self.scheme, self.device)
         self.ignore = tuple(self.ignore)
+
+    @property
+    def is_alias(self) -> bool:
+        """True when the scheme was picked for the backend ("fp8"), not named by the user."""
+        return self.requested == FP8_ALIAS
+
+    def describe(self, reason: bool = True) -> str:
+        """What runs (and why), for the start-up log: "fp8 -> fp8-weight-only (CPU: ...)"."""
+        if self.is_alias:
+            return f"{FP8_ALIAS} -> {self.scheme}" + (f" ({fp8_scheme(self.device)[1]})" if reason else "")
+        if self.requested not in (self.scheme, "none"):
+            return f"{self.scheme} ({self.requested})"  # e.g. a pre-quantized checkpoint's own scheme
+        return self.scheme
 
     def for_model(self, num_layers: int) -> "QuantConfig":
         """The same config with "{last}" in the ignore patterns replaced by the last layer's index."""
-        return QuantConfig(self.scheme, tuple(p.replace("{last}", str(num_layers - 1)) for p in self.ignore))
+        return QuantConfig(self.scheme, tuple(p.replace("{last}", str(num_layers - 1)) for p in self.ignore),
+                           self.device, self.requested)
 
     def applies_to(self, name: str) -> bool:
         if self.scheme == "none":
@@ -85,12 +94,16 @@ class Linear(Versioned):
         self.deterministic = False  # Triton: one GEMM config for every batch size (LLM(deterministic=True))
 
     @property
+    def spec(self) -> Scheme | None:
+        return SCHEMES[self.scheme] if self.scheme != "none" else None
+
+    @property
     def weight_granularity(self) -> str | None:
-        return SCHEME_GRANULARITY[self.scheme][0] if self.scheme != "none" else None
+        return SCHEMES[self.scheme].weight if self.scheme != "none" else None
 
     @property
     def act_granularity(self) -> str | None:
-        return SCHEME_GRANULARITY[self.scheme][1] if self.scheme != "none" else None
+        return SCHEMES[self.scheme].act if self.scheme != "none" else None
 
     def finalize(self) -> None:
         """Called once after the weights are loaded: quantize the weight for FP8 schemes."""
@@ -99,16 +112,17 @@ class Linear(Versioned):
         from fp8_turbo.kernels.fp8 import quantize_weight
 
         try:
-            w_fp8, scale = quantize_weight(self.weight.data, self.weight_granularity)
+            w_fp8, scale = quantize_weight(self.weight.data, self.weight_granularity, self.spec.group)
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from e
         self.set_fp8_weight(w_fp8, scale)
 
     def set_fp8_weight(self, w_fp8: torch.Tensor, scale: torch.Tensor) -> None:
-        """Install an e4m3 weight [N, K] and its scale (from finalize() or a pre-quantized checkpoint)."""
-        from fp8_turbo.kernels.fp8 import dequantize_fp8
+        """Install an e4m3 weight [N, K] and its scale (from finalize() or a pre-quantized checkpoint):
+        fp32, or E8M0 (one byte, MXFP8) as given."""
+        from fp8_turbo.kernels.fp8 import E8M0_DTYPE, dequantize_fp8
 
-        self.weight_fp8, self.weight_scale = w_fp8, scale.float()
+        self.weight_fp8, self.weight_scale = w_fp8, scale if scale.dtype == E8M0_DTYPE else scale.float()
         if w_fp8.is_cuda or cpu_kernels.available():
             self.weight = None  # the Triton GEMM / our CPU kernel reads the e4m3 weight directly
         else:
@@ -131,11 +145,13 @@ class Linear(Versioned):
             if on_cpu_kernels:
                 return cpu_kernels.dense_linear(x, self.weight, self.bias)
             return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
-        act = self.act_granularity
+        spec = self.spec
+        act = spec.act
         act_scale = self.input_scale if act_scale is None else act_scale
         if on_cpu_kernels:
             if act_scale is None or act == "tensor":  # dynamic, or one static scale: one fused call
-                return cpu_kernels.fp8_linear(x, self.weight_fp8, self.weight_scale, act, act_scale, self.bias)
+                return cpu_kernels.fp8_linear(x, self.weight_fp8, self.weight_scale, act, act_scale, self.bias,
+                                              act_group=spec.group, act_pow2=spec.act_pow2)
             # given per-token scales (a row-parallel shard quantizes with its whole row's scale)
             x2 = x.reshape(-1, self.in_features)
             xq, xs = kernels.quantize_fp8(x2, act, scale=act_scale)
@@ -145,7 +161,7 @@ class Linear(Versioned):
             from fp8_turbo.kernels.quantize import fake_quantize_fp8
 
             if act is not None:
-                x = fake_quantize_fp8(x, act, scale=act_scale)
+                x = fake_quantize_fp8(x, act, spec.group, scale=act_scale, pow2=spec.act_pow2)
             return nn.functional.linear(x, self.weight, self.bias)
         from fp8_turbo.kernels import fp8_gemm, fp8_weight_only_gemm, quantize_fp8
 
@@ -154,7 +170,7 @@ class Linear(Versioned):
             out = fp8_weight_only_gemm(x2, self.weight_fp8, self.weight_scale, self.bias,
                                        deterministic=self.deterministic)
         else:
-            xq, xs = quantize_fp8(x2, act, scale=act_scale)
+            xq, xs = quantize_fp8(x2, act, spec.group, scale=act_scale, pow2=spec.act_pow2)
             out = fp8_gemm(xq, self.weight_fp8, xs, self.weight_scale, out_dtype=x.dtype, bias=self.bias,
                            deterministic=self.deterministic)
         return out.reshape(*x.shape[:-1], self.out_features)

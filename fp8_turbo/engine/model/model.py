@@ -221,7 +221,7 @@ class LlamaModel(Versioned):
     def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None, tp: TensorParallel | None = None):
         super().__init__()
         quant = (quant or QuantConfig()).for_model(cfg.num_layers)
-        self.cfg = cfg
+        self.cfg, self.quant = cfg, quant  # quant.scheme: what its quantized Linears run
         self.tp = tp = tp or TensorParallel()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg)

@@ -43,6 +43,7 @@ from torch import nn
 from fp8_turbo.engine.model.config import ModelConfig
 from fp8_turbo.engine.model.linear import Linear, QuantConfig
 from fp8_turbo.engine.model.module_version import Versioned
+from fp8_turbo.engine.model.schemes import SCHEMES
 from fp8_turbo.kernels.fp8 import compute_scale, weight_amax
 
 BLOCK = 128  # FP8 block-scale edge (fp8-block)
@@ -151,6 +152,14 @@ def check_tensor_parallel(cfg: ModelConfig, size: int, scheme: str) -> None:
         if bad:
             raise ValueError(f"fp8-block with tensor_parallel_size={size}: each rank's shard must be a multiple "
                              f"of {BLOCK} to keep the 128x128 weight blocks of the unsharded model; per rank: {bad}")
+    elif scheme in SCHEMES and SCHEMES[scheme].weight in ("group", "mx"):
+        # Row-parallel layers split K: each rank's input columns must hold whole 1 x g groups.
+        g = SCHEMES[scheme].group
+        local = {"o_proj input (heads x head_dim)": shard.num_heads * cfg.head_dim, "down_proj input": inter}
+        bad = {k: v for k, v in local.items() if v % g}
+        if bad:
+            raise ValueError(f"{scheme} with tensor_parallel_size={size}: each rank's input columns must be a "
+                             f"multiple of {g} to keep the 1x{g} scale groups of the unsharded model; per rank: {bad}")
 
 
 def _cdiv(a: int, b: int) -> int:

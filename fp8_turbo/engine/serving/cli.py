@@ -16,7 +16,9 @@ from fp8_turbo.engine.checkpoints.source import DEFAULT_MODEL
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, HF checkpoint dir or .gguf file (default {DEFAULT_MODEL})")
-    p.add_argument("--quantization", default="fp8", choices=QUANT_SCHEMES, help="weight/activation scheme (default fp8)")
+    p.add_argument("--quantization", default="fp8", choices=QUANT_SCHEMES,
+                   help="weight/activation scheme (default fp8: W8A8 on FP8 GPUs, weight-only FP8 on CPU; "
+                        "fp8-w8a8 names W8A8 on every backend)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)

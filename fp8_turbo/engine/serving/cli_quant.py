@@ -12,11 +12,13 @@ from pathlib import Path
 
 from fp8_turbo.engine.checkpoints.source import DEFAULT_MODEL
 from fp8_turbo.engine.lab.accuracy import DEFAULT_SCHEMES
+from fp8_turbo.engine.lab.corpora import HELDOUT_CORPORA
 from fp8_turbo.engine.lab.recipe import DEFAULT_METHODS, METHODS, method_label, parse_methods
-from fp8_turbo.engine.model.linear import DEFAULT_IGNORE
+from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES
 
 
-EVAL_SCHEMES = ("none", *DEFAULT_SCHEMES)
+EVAL_SCHEMES = ("none", *QUANT_SCHEMES[1:])
+WRITABLE_SCHEMES = ("fp8", "fp8-w8a8", "fp8-tensor", "fp8-block", "fp8-weight-only")  # checkpoints.fp8.CT_STRATEGIES
 
 
 def _patterns(text: str | None) -> tuple[str, ...]:
@@ -73,14 +75,18 @@ def quantize_methods(args) -> tuple[str, ...]:
 
 def cmd_quantize(args) -> int:
     from fp8_turbo.engine.checkpoints.fp8 import save_quantized
+    from fp8_turbo.engine.model.schemes import FP8_ALIAS, fp8_scheme
 
+    if args.scheme == FP8_ALIAS:  # a checkpoint names one scheme: the one "fp8" means on this machine
+        args.scheme, why = fp8_scheme()
+        _stderr(f"--scheme fp8 -> {args.scheme} ({why}); pass --scheme fp8-w8a8 for a W8A8 checkpoint")
     ignore = (*DEFAULT_IGNORE, *_patterns(args.ignore))
     methods = quantize_methods(args)
     if methods or args.budget_pct is not None:
         return _quantize_calibrated(args, ignore, methods)
     input_scales = None
     if args.static_activations:
-        from fp8_turbo.engine.lab.accuracy import calibrate_input_scales
+        from fp8_turbo.engine.lab.calibration import calibrate_input_scales
 
         input_scales = calibrate_input_scales(args.model, args.calibration_tokens, corpus=args.calibrate)
     out = save_quantized(args.model, args.out, args.scheme, ignore, input_scales)
@@ -123,12 +129,13 @@ def cmd_eval(args) -> int:
     ignore = (*DEFAULT_IGNORE, *_patterns(args.ignore))
     configs = [EvalConfig(s if not m else f"{s} {method_label(m)}", s, ignore, m)
                for s in args.schemes if s != "none" for m in args.methods]
-    results, _ = evaluate(args.model, configs, corpus=args.corpus, tokens=args.tokens, window=args.window,
+    corpora = [args.corpus] if args.corpus else _patterns(args.corpora)
+    results, _ = evaluate(args.model, configs, corpora=corpora, tokens=args.tokens, window=args.window,
                           calib_corpus=args.calib_corpus, calib_tokens=args.calib_tokens,
                           log=lambda s: __import__("tqdm").tqdm.write(s, file=sys.stderr))
     sweep = None
     meta = dict(model=args.model, tokens=results[0].tokens, window=args.window, sweep_scheme=args.sweep_scheme,
-                **corpus_meta(args.corpus, args.calib_corpus))
+                **corpus_meta(None, args.calib_corpus, corpora))
     if args.sweep_tokens:
         from fp8_turbo.engine.lab.sensitivity import sensitivity_sweep
         from fp8_turbo.engine.llm import LLM
@@ -152,7 +159,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     methods_help = f"'none' or a '+'-joined combination of {', '.join(METHODS)}"
     p = sub.add_parser("quantize", help="write a compressed-tensors FP8 checkpoint (vLLM layout), optionally calibrated")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir, .gguf file or model id")
-    p.add_argument("--scheme", default="fp8", choices=DEFAULT_SCHEMES)
+    p.add_argument("--scheme", default="fp8", choices=WRITABLE_SCHEMES,
+                   help="what to write (default fp8: the scheme fp8 means on this machine, see `fp8_scheme`)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ignore", default=None, help="comma-separated module patterns kept in high precision "
                                                   "(lm_head always is)")
@@ -178,14 +186,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         f"(default: {','.join(DEFAULT_SCHEMES)}; 'none' is always the baseline)")
     p.add_argument("--methods", type=_methods_list, default=[()],
                    help=f"comma-separated calibration methods per scheme, each {methods_help} (default none)")
-    p.add_argument("--corpus", default=None, help="scoring text file (default: the standard library's docstrings)")
+    p.add_argument("--corpora", default=",".join(HELDOUT_CORPORA),
+                   help="comma-separated held-out corpora to score on, each on its own: names "
+                        f"({', '.join(HELDOUT_CORPORA)}) or text files (default: both)")
+    p.add_argument("--corpus", default=None, help="one scoring text file instead of --corpora")
     p.add_argument("--calib-corpus", default=None, help="calibration text file (default: pydoc_data.topics)")
-    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score, per corpus")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for methods")
     p.add_argument("--window", type=int, default=512, help="tokens per window")
     p.add_argument("--ignore", default=None, help="comma-separated patterns kept in high precision")
     p.add_argument("--sweep-tokens", type=int, default=0,
                    help="run the one-layer sensitivity sweep on this many calibration tokens")
-    p.add_argument("--sweep-scheme", default="fp8", choices=DEFAULT_SCHEMES)
+    p.add_argument("--sweep-scheme", default="fp8", choices=QUANT_SCHEMES[1:])
     p.add_argument("--out", default=None, help="directory for accuracy.json/.md/.png")
     p.set_defaults(func=cmd_eval)

@@ -92,7 +92,8 @@ class OpenAIServer:
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-turbo-tokenize")
         # Names the configuration that produced an answer (OpenAI's system_fingerprint): model, weights, KV cache.
         config = engine.config
-        configuration = f"{config.model}|{config.quantization}|{config.kv_cache_dtype}|{engine.dtype}"
+        scheme = getattr(engine, "quant_scheme", config.quantization)  # what runs ("fp8" is the backend's pick)
+        configuration = f"{config.model}|{scheme}|{config.kv_cache_dtype}|{engine.dtype}"
         self.system_fingerprint = "fp_" + hashlib.sha256(configuration.encode()).hexdigest()[:10]
         self.scheme = served_scheme(engine)  # what the model computes in, for the model card
 
@@ -614,7 +615,7 @@ def run_server(args: argparse.Namespace) -> int:
                     price_output_per_m=args.price_output, limits=limits, metrics_public=args.metrics_public,
                     shutdown_timeout=args.shutdown_timeout, web_ui=getattr(args, "web_ui", True))
     logger.info("loaded %s in %.1fs (quantization %s, KV cache %s: %d tokens); serving %r at http://%s:%d/v1%s",
-                args.model, engine.load_seconds, config.quantization, config.kv_cache_dtype,
+                args.model, engine.load_seconds, engine.model.quant.describe(reason=False), config.kv_cache_dtype,
                 engine.kv_capacity_tokens, name, args.host, args.port, " (API key required)" if api_key else "")
     if getattr(args, "web_ui", True):
         logger.info("chat page: http://%s:%d/", args.host, args.port)
