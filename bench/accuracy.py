@@ -54,11 +54,14 @@ AMAX_SCHEMES = ("fp8-w8a8", "fp8-weight-only", "fp8-block",
 
 
 def configs(sweep: list[dict] | None, best: tuple[str, ...]) -> list[EvalConfig]:
-    """Amax rows, then calibrated rows (sharing one statistics pass of the unquantized model:
-    sequential=False): the previous `fp8-turbo quantize` default (W8A8 search+gptq, damping 0.01), the
-    methods on weight-only FP8 (the CPU's fp8) with that damping and with 0.1; `--all-methods` adds every
-    method combination on W8A8."""
+    """Amax rows, data-free `mse` scale search rows, then calibrated rows (sharing one statistics pass of
+    the unquantized model: sequential=False): the previous `fp8-turbo quantize` default (W8A8
+    search+gptq, damping 0.01), the methods on weight-only FP8 (the CPU's fp8) with that damping and
+    with 0.1; `--all-methods` adds every method combination on W8A8."""
     out = [EvalConfig(s, s, DEFAULT_IGNORE) for s in AMAX_SCHEMES]
+    # data-free scale search (no calibration text): what the default could do at load time
+    out += [EvalConfig(f"{s} mse", s, DEFAULT_IGNORE, ("mse",)) for s in ("fp8-weight-only", "fp8-weight-only-g32",
+                                                                          "fp8-w8a8")]
     out += [EvalConfig("fp8-w8a8 search+gptq", "fp8-w8a8", DEFAULT_IGNORE, ("search", "gptq"), sequential=False)]
     for m in (("search",), ("gptq",), ("search", "gptq")):
         for damp in (0.01, 0.1):

@@ -54,11 +54,11 @@ class Recorder:
     def install(self) -> None:
         real_quantize, real_write = kernels.quantize_fp8, kernels.write_kv
 
-        def quantize_fp8(x, granularity="token", group_size=128, scale=None):
-            q, s = real_quantize(x, granularity, group_size, scale)
+        def quantize_fp8(x, granularity="token", group_size=128, scale=None, pow2=False):
+            q, s = real_quantize(x, granularity, group_size, scale, pow2)
             self.quant.append(dict(x=x.float().reshape(-1, x.shape[-1]).clone(), granularity=granularity,
-                                   group_size=group_size, q=q.reshape(-1, x.shape[-1]).view(torch.uint8).clone(),
-                                   scale=s.clone()))
+                                   group_size=group_size, pow2=pow2,
+                                   q=q.reshape(-1, x.shape[-1]).view(torch.uint8).clone(), scale=s.clone()))
             return q, s
 
         def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -86,17 +86,17 @@ class Replayer:
     def install(self) -> None:
         real_write = kernels.write_kv
 
-        def fake_quantize_fp8(x, granularity="token", group_size=128, scale=None):
+        def fake_quantize_fp8(x, granularity="token", group_size=128, scale=None, pow2=False):
             i = self.num_quant
             assert i < len(self.quant), f"the CPU path quantizes more often than the Triton path ({len(self.quant)})"
             r = self.quant[i]
             self.num_quant += 1
             x2 = x.float().reshape(-1, x.shape[-1])
             where = f"activation quantization #{i} {tuple(x2.shape)} {granularity}"
-            assert (x2.shape, granularity, group_size) == (r["x"].shape, r["granularity"], r["group_size"]), (
-                f"{where}: the Triton path had {tuple(r['x'].shape)} {r['granularity']} {r['group_size']}")
+            assert (x2.shape, granularity, group_size, pow2) == (r["x"].shape, r["granularity"], r["group_size"], r["pow2"]), (
+                f"{where}: the Triton path had {tuple(r['x'].shape)} {r['granularity']} {r['group_size']} {r['pow2']}")
             # Exact: the reference rounds the Triton path's own input to the Triton path's bytes and scale.
-            q_ref, s_ref = kq.quantize_fp8_reference(r["x"], granularity, group_size, scale)
+            q_ref, s_ref = kq.quantize_fp8_reference(r["x"], granularity, group_size, scale, pow2)
             assert torch.equal(q_ref.view(torch.uint8), r["q"]), f"{where}: e4m3 bytes differ from the reference's"
             assert torch.equal(s_ref.reshape(-1), r["scale"].reshape(-1)), f"{where}: scales differ from the reference's"
             # Bounded: the two inputs differ only by the summation order of what computed them.

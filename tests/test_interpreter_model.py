@@ -76,7 +76,7 @@ def run(tmp_path: Path, mode: str, path: str, scheme: str, kv: str, ids: list[in
     return torch.load(recording if mode == "record" else result)
 
 
-@pytest.mark.parametrize("scheme,kv", [("fp8", "auto"), ("fp8-block", "fp8")])
+@pytest.mark.parametrize("scheme,kv", [("fp8-w8a8", "auto"), ("fp8-block", "fp8")])
 def test_triton_path_matches_cpu_path(tmp_path, scheme, kv):
     path = str(make_checkpoint(tmp_path / "ck", "llama31", hidden_size=128))
     ids = torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(0)).tolist()

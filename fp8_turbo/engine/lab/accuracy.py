@@ -59,6 +59,13 @@ class EvalConfig:
     sequential: bool = True  # see engine.lab.recipe.Recipe; False shares one statistics pass
     damp: float = 0.01  # GPTQ damping (engine.lab.recipe.Recipe)
 
+    @property
+    def needs_data(self) -> bool:
+        """Some method calibrates on text (engine.lab.recipe.DATA_FREE ones do not)."""
+        from fp8_turbo.engine.lab.recipe import DATA_FREE
+
+        return any(m not in DATA_FREE for m in self.methods)
+
     @classmethod
     def of(cls, c) -> "EvalConfig":
         """An EvalConfig from itself or a (label, scheme, ignore[, methods]) tuple."""
@@ -222,7 +229,7 @@ def build_config(model: str, config: EvalConfig, calib_windows: list[list[int]] 
         return LLM(model, quantization=config.scheme, quantization_ignore=config.ignore, **KV_OPTIONS), None
     from fp8_turbo.engine.lab.recipe import Recipe, calibrate
 
-    if not calib_windows:
+    if not calib_windows and config.needs_data:
         raise ValueError(f"{config.label}: methods {config.methods} need calibration windows")
     llm = LLM(model, quantization="none", **KV_OPTIONS)
     recipe = Recipe(config.scheme, config.ignore, config.methods, sequential=config.sequential, damp=config.damp)
@@ -257,10 +264,10 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
     configs = [EvalConfig.of(c) for c in configs]
     base = LLM(model, quantization="none", **KV_OPTIONS)
     scored = scored_windows(base.tokenizer, windows, corpus, corpora, window, tokens)
-    if calib_windows is None and any(c.methods for c in configs):
+    if calib_windows is None and any(c.needs_data for c in configs):
         calib_windows = corpus_windows(base.tokenizer, corpus_text(calib_corpus), window, calib_tokens)
     layers = base.engine.model_config.num_layers
-    share = any(c.methods and not c.sequential for c in configs)
+    share = any(c.needs_data and not c.sequential for c in configs)
     n_windows = sum(len(w) for w in scored.values())
     total = n_windows * (1 + len(configs)) + layers * (sum(bool(c.methods) for c in configs) + share)
     bar = tqdm(total=total, desc="eval", unit="step", file=sys.stderr, disable=not progress, smoothing=0.1)
@@ -300,7 +307,7 @@ def evaluate(model: str, configs: list, windows: list[list[int]] | None = None, 
             with contextlib.ExitStack() as stack:
                 if config.methods:
                     llm, calib = build_config(model, config, calib_windows, log=lambda msg: bar.update(),
-                                              stats=shared if not config.sequential else None)
+                                              stats=shared if config.needs_data and not config.sequential else None)
                 else:  # amax scales: the base model's Linears quantized in place, restored afterwards
                     llm, calib = stack.enter_context(quantized_in_place(base, config.scheme, config.ignore)), None
                 calib_seconds = time.perf_counter() - t0 if calib is not None else 0.0

@@ -3,6 +3,7 @@
 Methods (any combination, written "smooth+search+gptq"; "none" is plain amax scaling):
 - `smooth`: SmoothQuant-style migration folded into norms / v / up (engine.lab.smoothquant);
 - `search`: per-channel (or per-block) scale search on the output error (engine.lab.scale_search);
+- `mse`: the same search on the weight's own squared error, no calibration data (instead of `search`);
 - `gptq`: error-compensating rounding onto the e4m3 grid with the chosen scales (engine.lab.gptq).
 They run in that order within each decoder block: smoothing changes the weights and the statistics
 of their inputs, the scales are chosen for the smoothed weights, GPTQ rounds with those scales. By
@@ -30,7 +31,8 @@ from fp8_turbo.engine.lab.smoothquant import DEFAULT_ALPHAS, fold, search_alpha,
 from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES, SCHEMES, Linear, QuantConfig
 from fp8_turbo.kernels.fp8 import FP8_DTYPE, expand_scale, quantize_weight, round_to_e4m3
 
-METHODS = ("smooth", "search", "gptq")  # the order they run in
+METHODS = ("smooth", "search", "mse", "gptq")  # the order they run in
+DATA_FREE = ("mse",)  # methods that need no calibration text
 # `fp8-turbo quantize`'s default: the combination that came closest to the goal on held-out text
 # (bench/ACCURACY.md). LLM(quantization="fp8") quantizes at load time without calibration data.
 DEFAULT_METHODS = ("search", "gptq")
@@ -42,8 +44,9 @@ def parse_methods(text: str) -> tuple[str, ...]:
     if parts == ["none"]:
         return ()
     bad = [p for p in parts if p not in METHODS]
-    if bad or not parts or len(set(parts)) != len(parts):
-        raise ValueError(f"method {text!r}: use 'none' or a '+'-joined combination of {METHODS}")
+    if bad or not parts or len(set(parts)) != len(parts) or {"search", "mse"} <= set(parts):
+        raise ValueError(f"method {text!r}: use 'none' or a '+'-joined combination of {METHODS} "
+                         "(search or mse, not both: each picks the scales)")
     return tuple(m for m in METHODS if m in parts)
 
 
@@ -76,7 +79,7 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        return bool(self.methods)
+        return any(m not in DATA_FREE for m in self.methods)
 
     @property
     def label(self) -> str:
@@ -127,6 +130,8 @@ def quantize_linear(w: torch.Tensor, rows: list[int], granularity: str, stats: A
         shard = w[start:start + r]
         if stats is not None and "search" in recipe.methods:
             s = search_scale(shard, stats.hessian, granularity, recipe.ratios, group)
+        elif "mse" in recipe.methods:
+            s = search_scale(shard, None, granularity, recipe.ratios, group)
         else:
             s = quantize_weight(shard, granularity, group)[1]
         scales.append(s)

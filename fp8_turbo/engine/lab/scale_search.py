@@ -9,7 +9,9 @@ Candidates are scale = r * amax / 448 for r in `ratios`:
   rounding errors depend on where each weight falls between grid points, not on clipping outliers.
 
 The objective is the output error over the calibration tokens, sum_n e_n H e_n^T with e_n the
-quantization error of output row n and H = X^T X (engine.lab.calibration), so no activations are kept.
+quantization error of output row n and H = X^T X (engine.lab.calibration), so no activations are kept;
+without calibration data (hessian None, the `mse` method) it is the weight's own squared error
+(H = I): nothing to over-fit, and what it gains carries to any text.
 r = 1 (amax) is always a candidate and wins ties, so the calibration error never exceeds amax's.
 Per-block search scores each 128x128 block with the diagonal 128x128 block of H (the error of other
 column blocks is held fixed, cross terms between column blocks are left out); per-group scales (1 x g
@@ -32,19 +34,22 @@ def quantization_error(w: torch.Tensor, scale: torch.Tensor, block: int | None =
     return w - round_to_e4m3(w / s) * s
 
 
-def output_error(err: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per output row n: e_n H e_n^T, the squared output error summed over the calibration tokens. [N]"""
+def output_error(err: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+    """Per output row n: e_n H e_n^T, the squared output error summed over the calibration tokens
+    (H = I when None: the squared weight error). [N]"""
+    if hessian is None:
+        return (err * err).sum(1)
     return ((err @ hessian) * err).sum(1)
 
 
 @torch.inference_mode()
-def search_scale(w: torch.Tensor, hessian: torch.Tensor, granularity: str = "channel",
+def search_scale(w: torch.Tensor, hessian: torch.Tensor | None, granularity: str = "channel",
                  ratios: tuple[float, ...] = DEFAULT_RATIOS, block: int = 128) -> torch.Tensor:
     """Scale of `w` [N, K] in the layout kernels.fp8.quantize_weight gives for `granularity`
     ("channel" [N, 1], "tensor" [1], "block" [ceil(N/128), ceil(K/128)], "group" [N, ceil(K/block)];
     "mx" is returned as amax gives it) minimizing the output error."""
     w = w.float()
-    h = hessian.to(device=w.device, dtype=torch.float32)
+    h = hessian.to(device=w.device, dtype=torch.float32) if hessian is not None else None
     base = quantize_weight(w, granularity, block)[1]
     if granularity == "mx":
         return base
@@ -71,7 +76,7 @@ def search_scale(w: torch.Tensor, hessian: torch.Tensor, granularity: str = "cha
     best = base.clone()
     for kb in range(base.shape[1]):
         cols = slice(kb * block, min((kb + 1) * block, k))
-        wk, hk = w[:, cols], h[cols, cols]
+        wk, hk = w[:, cols], (h[cols, cols] if h is not None else None)
         best_loss = None
         for r in ratios:
             s = base[:, kb] * r  # [Nb]
@@ -94,7 +99,7 @@ def _search_groups(w: torch.Tensor, h: torch.Tensor, base: torch.Tensor, ratios,
     best = base.clone()
     for kb in range(base.shape[1]):
         cols = slice(kb * group, min((kb + 1) * group, k))
-        wk, hk = w[:, cols], h[cols, cols]
+        wk, hk = w[:, cols], (h[cols, cols] if h is not None else None)
         best_loss = None
         for r in ratios:
             s = base[:, kb:kb + 1] * r  # [N, 1]
