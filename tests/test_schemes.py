@@ -17,6 +17,7 @@ from fp8_turbo.engine.model.linear import Linear, QuantConfig
 from fp8_turbo.engine.model.model import LlamaModel
 from fp8_turbo.engine.model.parallel import check_tensor_parallel
 from fp8_turbo.engine.model.schemes import SCHEMES, fp8_scheme, resolve_scheme
+from fp8_turbo.engine.serving.scheme import served_scheme
 from fp8_turbo.kernels.fp8 import dequantize_fp8, quantize_weight
 from fp8_turbo.kernels.quantize import fake_quantize_fp8
 from model_factory import hf_config_dict, make_checkpoint
@@ -69,6 +70,8 @@ def test_finer_schemes_run_their_reference(tiny, scheme):
     spec = SCHEMES[scheme]
     llm = LLM(str(tiny), device="cpu", quantization=scheme, lm_head_dtype="model")
     assert llm.engine.quant_scheme == scheme
+    card = served_scheme(llm.engine)  # the model card of /v1/models names the finer layout
+    assert card["scheme"] == scheme and f"per 1x{spec.group}" in card["weights"]
     ref = LLM(str(tiny), device="cpu", quantization="none", lm_head_dtype="model")
     quantized = [m for m in llm.engine.model.modules() if isinstance(m, Linear) and m.scheme != "none"]
     assert quantized and all(m.scheme == scheme for m in quantized)

@@ -25,8 +25,13 @@ def _how(layer: Linear, compute: str) -> tuple[str, str, str]:
     if layer.scheme == "none":
         weight = layer.weight
         return "none", _dtype_name(weight.dtype) if weight is not None else compute, compute
+    spec = layer.spec
     weights = f"e4m3 per {layer.weight_granularity}"
+    if spec.weight in ("group", "mx"):  # finer scales: their K extent, and MXFP8's power-of-two scales
+        weights = f"e4m3 per 1x{spec.group}" + (" (E8M0 scales, MXFP8)" if spec.weight == "mx" else "")
     activations = f"e4m3 per {layer.act_granularity}" if layer.act_granularity is not None else compute
+    if spec.act == "group" and spec.group != 128:
+        activations = f"e4m3 per 1x{spec.group}" + (" (power-of-two scales)" if spec.act_pow2 else "")
     return layer.scheme, weights, activations
 
 
