@@ -69,12 +69,25 @@ struct Gemm {
   Scale as, ws;
   bool scales_along_k = false;
   int64_t k_step = SCALE_BLOCK;  // scales along K: K extent of each partial sum (the smaller group)
+  bool fold_w = false;  // per-row weight groups folded into the decoded weight (gemm_kernel.h, "scales")
   const float* bias = nullptr;  // fp32 [N] or null
   float* out_f32 = nullptr;
   uint16_t* out_bf16 = nullptr;
   int64_t ldo = 0;
   int64_t panel_rows = 0, panel_k = 0;  // blocking of the larger-M path (gemm_kernel.h gemm_panel)
 };
+
+// How g's scales enter the sums (gemm_kernel.h, "scales"), from the scale layouts alone, never their
+// values, so rows stay batch-invariant; every caller that builds a Gemm (linear(), step.cpp) uses this:
+// per-row weight groups against activation scales constant along K are folded into the decoded
+// weight; other scales changing along K take a partial sum per k_step (the smaller group: both are
+// powers of two, so it divides the larger).
+FP8T_INLINE void plan_scales(Gemm& g) {
+  g.fold_w = g.ws.kind == S_GROUP && !g.as.along_k();
+  g.scales_along_k = g.as.along_k() || (g.ws.along_k() && !g.fold_w);
+  if (g.scales_along_k)
+    g.k_step = std::min(g.as.along_k() ? g.as.group() : MAX_GROUP, g.ws.along_k() ? g.ws.group() : MAX_GROUP);
+}
 
 struct Quant {
   const void* x = nullptr;  // [M, ldx] fp32 or bf16
@@ -353,9 +366,7 @@ at::Tensor linear(const at::Tensor& x_in, int64_t act, const c10::optional<at::T
     }
   }
   g.a = ap, g.lda = Kp;
-  g.scales_along_k = g.as.along_k() || g.ws.along_k();
-  if (g.scales_along_k)  // both groups are powers of two: the smaller one divides the larger
-    g.k_step = std::min(g.as.along_k() ? g.as.group() : MAX_GROUP, g.ws.along_k() ? g.ws.group() : MAX_GROUP);
+  plan_scales(g);
 
   at::Tensor bias_f32;
   if (bias.has_value()) {

@@ -10,6 +10,11 @@
 //             changing along K (groups of 16..128, 128x128 blocks): per k_step-block partial lanes p
 //             (k_step = the smaller group of the two operands), tot = fma(p, s, tot) with
 //             s = (a_scale[m, k / group_a] * w_scale[n, k / group_w]) * 256, r = tree(tot);
+//             except per-row weight groups (1 x g, fp32 or E8M0) against activation scales constant
+//             along K (weight-only, per-token, per-tensor; gemm.cpp plan_scales): those are folded
+//             into the weight as it is decoded, w = fma(q, w_scale[n, k / g], 0) = fl(q * s)
+//             (dequantize_fp8's value; exact for E8M0), and the lanes sum a[k] * w in one run like a
+//             per-channel weight's (g.fold_w);
 //             (the factor 256 only for e4m3 weights, which decode to value * 2^-8: exact)
 //   bias      r = r + bias[n]; then the output dtype (bf16: round to nearest even).
 // A row's result therefore does not depend on which other rows share the call.
@@ -50,9 +55,10 @@ FP8T_INLINE void load_e4m3_pair(const uint8_t* r0, const uint8_t* r1, __m512& lo
 }
 
 // z[m][p] += a[m][ka .. ka+16) * (rows w[2p], w[2p+1] at kw .. kw+16), lo chunk then hi chunk.
-template <int MR, int NP>
-FP8T_INLINE void pair_step(const float* const (&a)[MR], const void* const* w, int64_t ka, int64_t kw, int64_t pf,
-                           __m512 (&z)[MR][NP]) {
+// FOLD: the rows are rows n0 + 2p, n0 + 2p + 1 of g.w, scaled by their group scale at ka as they load.
+template <int MR, int NP, bool FOLD>
+FP8T_INLINE void pair_step(const Gemm& g, int64_t n0, const float* const (&a)[MR], const void* const* w, int64_t ka,
+                           int64_t kw, int64_t pf, __m512 (&z)[MR][NP]) {
   __m512 alo[MR], ahi[MR];
   for (int m = 0; m < MR; ++m) {
     alo[m] = _mm512_broadcast_f32x8(_mm256_loadu_ps(a[m] + ka));
@@ -67,13 +73,18 @@ FP8T_INLINE void pair_step(const float* const (&a)[MR], const void* const* w, in
     }
     __m512 lo, hi;
     load_e4m3_pair(r0, r1, lo, hi);
+    if constexpr (FOLD) {  // each half as the ymm code scales its row: fma(q, s, 0)
+      const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(g.ws.at(n0 + 2 * p, ka)),
+                                           _mm256_set1_ps(g.ws.at(n0 + 2 * p + 1, ka)), 1);
+      lo = _mm512_fmadd_ps(lo, sv, _mm512_setzero_ps()), hi = _mm512_fmadd_ps(hi, sv, _mm512_setzero_ps());
+    }
     for (int m = 0; m < MR; ++m) z[m][p] = _mm512_fmadd_ps(alo[m], lo, z[m][p]);
     for (int m = 0; m < MR; ++m) z[m][p] = _mm512_fmadd_ps(ahi[m], hi, z[m][p]);
   }
 }
 
-template <int MR, int NR>
-FP8T_INLINE void dot_tile_e4m3_pairs(const float* const (&a)[MR], const void* const (&w)[NR],
+template <int MR, int NR, bool FOLD>
+FP8T_INLINE void dot_tile_e4m3_pairs(const Gemm& g, int64_t n0, const float* const (&a)[MR], const void* const (&w)[NR],
                                      const void* const (&tail)[NR], int64_t k_full, int64_t k0, int64_t k1, int64_t pf,
                                      V8 (&acc)[MR][NR]) {
   constexpr int NP = NR / 2;
@@ -82,8 +93,8 @@ FP8T_INLINE void dot_tile_e4m3_pairs(const float* const (&a)[MR], const void* co
     for (int p = 0; p < NP; ++p) z[m][p] = _mm512_insertf32x8(_mm512_castps256_ps512(acc[m][2 * p].x), acc[m][2 * p + 1].x, 1);
   int64_t k = k0;
   const int64_t k_main = std::min(k1, k_full);
-  for (; k < k_main; k += 16) pair_step<MR, NP>(a, w, k, k, pf, z);
-  if (k < k1) pair_step<MR, NP>(a, tail, k, 0, 0, z);  // k == k_full: the zero-padded partial chunk
+  for (; k < k_main; k += 16) pair_step<MR, NP, FOLD>(g, n0, a, w, k, k, pf, z);
+  if (k < k1) pair_step<MR, NP, FOLD>(g, n0, a, tail, k, 0, 0, z);  // k == k_full: the zero-padded partial chunk
   for (int m = 0; m < MR; ++m)
     for (int p = 0; p < NP; ++p) {
       acc[m][2 * p].x = _mm512_castps512_ps256(z[m][p]);
@@ -92,14 +103,27 @@ FP8T_INLINE void dot_tile_e4m3_pairs(const float* const (&a)[MR], const void* co
 }
 #endif
 
+// 16 weights of row n from k (global kg), each times its group scale when FOLD: fma(q, s, 0) = fl(q * s).
+template <int WT, bool FOLD>
+FP8T_INLINE void load_w16_scaled(const Gemm& g, const void* row, int64_t k, int64_t n, int64_t kg, V8& lo, V8& hi) {
+  load_w16<WT>(row, k, lo, hi);
+  if constexpr (FOLD) {
+    const V8 s = V8::broadcast(g.ws.at(n, kg));  // one group: groups are multiples of 16, chunks aligned
+    lo = fma(lo, s, V8::zero()), hi = fma(hi, s, V8::zero());
+  }
+}
+
 // acc[m][n] += a[m][k] * w[n][k] for k in [k0, k1) (multiples of 16). Weight rows are read up to
 // k_full; the 16 weights at k_full (a partial last chunk of K) come from tail[n], zero-padded.
 // pf > 0: also prefetch each weight row pf bytes ahead (the next tile's rows: one tile of lead).
-template <int MR, int NR, int WT>
-FP8T_INLINE void dot_tile(const float* const (&a)[MR], const void* const (&w)[NR], const void* const (&tail)[NR],
-                          int64_t k_full, int64_t k0, int64_t k1, int64_t pf, V8 (&acc)[MR][NR]) {
+// FOLD: the rows are rows n0.. of g.w, scaled by their group scales as they load (g.fold_w).
+template <int MR, int NR, int WT, bool FOLD = false>
+FP8T_INLINE void dot_tile(const Gemm& g, int64_t n0, const float* const (&a)[MR], const void* const (&w)[NR],
+                          const void* const (&tail)[NR], int64_t k_full, int64_t k0, int64_t k1, int64_t pf,
+                          V8 (&acc)[MR][NR]) {
 #if FP8T_ISA == 2
-  if constexpr (WT == W_E4M3 && NR % 2 == 0) return dot_tile_e4m3_pairs<MR, NR>(a, w, tail, k_full, k0, k1, pf, acc);
+  if constexpr (WT == W_E4M3 && NR % 2 == 0)
+    return dot_tile_e4m3_pairs<MR, NR, FOLD>(g, n0, a, w, tail, k_full, k0, k1, pf, acc);
 #endif
   int64_t k = k0;
   const int64_t k_main = std::min(k1, k_full);
@@ -107,7 +131,7 @@ FP8T_INLINE void dot_tile(const float* const (&a)[MR], const void* const (&w)[NR
     for (int n = 0; n < NR; ++n) {
       if (pf) _mm_prefetch(static_cast<const char*>(w[n]) + k * elem_size<WT>() + pf, _MM_HINT_T0);
       V8 lo, hi;
-      load_w16<WT>(w[n], k, lo, hi);
+      load_w16_scaled<WT, FOLD>(g, w[n], k, n0 + n, k, lo, hi);
       for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k), lo, acc[m][n]);
       for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k + 8), hi, acc[m][n]);
     }
@@ -115,7 +139,7 @@ FP8T_INLINE void dot_tile(const float* const (&a)[MR], const void* const (&w)[NR
   if (k < k1) {  // k == k_full
     for (int n = 0; n < NR; ++n) {
       V8 lo, hi;
-      load_w16<WT>(tail[n], 0, lo, hi);
+      load_w16_scaled<WT, FOLD>(g, tail[n], 0, n0 + n, k, lo, hi);
       for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k), lo, acc[m][n]);
       for (int m = 0; m < MR; ++m) acc[m][n] = fma(V8::load(a[m] + k + 8), hi, acc[m][n]);
     }
@@ -123,18 +147,19 @@ FP8T_INLINE void dot_tile(const float* const (&a)[MR], const void* const (&w)[NR
 }
 
 // Add k in [k0, k1) of tile (m0.., n0..) into its running state st: the lanes themselves when the
-// scales are constant along K; else one fma per g.k_step-block of K (k0 a multiple of k_step):
-// st = fma(block lanes, (a_scale * w_scale) * rescale, st). `k_offset` + k is the global k.
-template <int MR, int NR, int WT>
+// scales are constant along K (or folded into the weight: FOLD); else one fma per g.k_step-block of K
+// (k0 a multiple of k_step): st = fma(block lanes, (a_scale * w_scale) * rescale, st). `k_offset` + k
+// is the global k.
+template <int MR, int NR, int WT, bool FOLD = false>
 FP8T_INLINE void accumulate(const Gemm& g, int64_t m0, int64_t n0, const float* const (&a)[MR],
                             const void* const (&w)[NR], const void* const (&tail)[NR], int64_t k_full, int64_t k0,
                             int64_t k1, int64_t k_offset, int64_t pf, float rescale, V8 (&st)[MR][NR]) {
-  if (!g.scales_along_k) return dot_tile<MR, NR, WT>(a, w, tail, k_full, k0, k1, pf, st);
+  if (!g.scales_along_k) return dot_tile<MR, NR, WT, FOLD>(g, n0, a, w, tail, k_full, k0, k1, pf, st);
   for (int64_t k = k0; k < k1; k += g.k_step) {
     V8 p[MR][NR];
     for (int m = 0; m < MR; ++m)
       for (int n = 0; n < NR; ++n) p[m][n] = V8::zero();
-    dot_tile<MR, NR, WT>(a, w, tail, k_full, k, std::min(k + g.k_step, k1), pf, p);
+    dot_tile<MR, NR, WT>(g, n0, a, w, tail, k_full, k, std::min(k + g.k_step, k1), pf, p);
     const int64_t kg = k_offset + k;  // global k of this block
     for (int m = 0; m < MR; ++m)
       for (int n = 0; n < NR; ++n) {
@@ -178,7 +203,7 @@ inline void finish_row(const Gemm& g, int64_t m, int64_t n0, int64_t count, cons
       if (!g.scales_along_k) {
         r = r * rescale;
         if (g.as.kind != S_NONE) r = r * a_scale;
-        if (g.ws.kind != S_NONE) r = r * g.ws.at(n, 0);
+        if (g.ws.kind != S_NONE && !g.fold_w) r = r * g.ws.at(n, 0);
       }
       if (g.bias) r = r + g.bias[n];
       if (g.out_f32) g.out_f32[m * g.ldo + n] = r;
@@ -211,7 +236,8 @@ __attribute__((noinline)) void gemv_tile(const Gemm& g, int64_t n, int64_t pf) {
   V8 st[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) st[m][r] = V8::zero();
-  accumulate<MR, NR, WT>(g, 0, n, a, w, tail, k_full, 0, g.Kp, 0, pf, rescale_of<WT>(), st);
+  if (g.fold_w) accumulate<MR, NR, WT, true>(g, 0, n, a, w, tail, k_full, 0, g.Kp, 0, pf, rescale_of<WT>(), st);
+  else accumulate<MR, NR, WT>(g, 0, n, a, w, tail, k_full, 0, g.Kp, 0, pf, rescale_of<WT>(), st);
   for (int m = 0; m < MR; ++m) finish_row(g, m, n, NR, st[m], rescale_of<WT>());
 }
 
@@ -238,6 +264,13 @@ void gemv(const Gemm& g, int64_t n_begin, int64_t n_end) {
 }
 
 // ---------------------------------------------------------------- larger M: decoded panels
+
+// A decoded chunk of 16 weights of row n at global k times its group scale (g.fold_w): the same
+// fma(q, s, 0) the small-M path forms in registers, so both paths multiply the same weights.
+FP8T_INLINE void fold_group_scale(const Gemm& g, int64_t n, int64_t k, V8& lo, V8& hi) {
+  const V8 s = V8::broadcast(g.ws.at(n, k));
+  lo = fma(lo, s, V8::zero()), hi = fma(hi, s, V8::zero());
+}
 
 // One MR x NR register tile over one K block of a panel: its state comes from `state` (zero on the
 // first K block) and goes back there.
@@ -286,6 +319,7 @@ void gemm_panel(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel, V8*
             std::memcpy(buf, src + gk * es, (g.K - gk) * es);
             load_w16<WT>(buf, 0, lo, hi);
           }
+          if (g.fold_w) fold_group_scale(g, nb + r, gk, lo, hi);
           lo.store(dst + k), hi.store(dst + k + 8);
         }
       }
@@ -406,6 +440,7 @@ void gemm_panel_pairs(const Gemm& g, int64_t n_begin, int64_t n_end, float* pane
             std::memcpy(buf, src + gk * es, (g.K - gk) * es);
             load_w16<WT>(buf, 0, lo, hi);
           }
+          if (g.fold_w) fold_group_scale(g, nb + r, gk, lo, hi);
           lo.store(dst + 2 * k), hi.store(dst + 2 * k + 16);
         }
       }

@@ -88,9 +88,7 @@ inline void gemm_share(const StepLinear& L, const float* a, const float* as, con
   g.as.kind = L.act_kind;
   if (L.act_kind == S_TENSOR) g.as.p = tensor_scale;
   else if (L.act_kind != S_NONE) g.as.p = as, g.as.stride = L.act_cols, g.as.shift = L.act_shift;
-  g.scales_along_k = g.as.along_k() || g.ws.along_k();
-  if (g.scales_along_k)  // linear()'s partial-sum extent: the smaller group (powers of two)
-    g.k_step = std::min(g.as.along_k() ? g.as.group() : MAX_GROUP, g.ws.along_k() ? g.ws.group() : MAX_GROUP);
+  plan_scales(g);  // as linear() does: folded weight groups, or partial sums per k_step
   g.bias = L.bias_p, g.out_f32 = out, g.ldo = ldo;
   g.panel_rows = kPanelRows, g.panel_k = kPanelK;
   const bool panel = M > GEMV_MAX_M;
