@@ -391,19 +391,24 @@ def test_page_files_and_no_web_ui(tmp_path):
     engine.shutdown()
 
 
-@pytest.mark.parametrize("quantization, kv, label, weights, activations", [
-    ("none", "auto", "none", "float32", "float32"),
-    ("fp8-weight-only", "auto", "fp8 weight-only", "e4m3 per channel", "float32"),
-    ("fp8-tensor", "fp8", "fp8 W8A8", "e4m3 per tensor", "e4m3 per tensor"),
-    ("fp8-block", "auto", "fp8 W8A8", "e4m3 per block", "e4m3 per group"),
+@pytest.mark.parametrize("quantization, runs, kv, label, weights, activations", [
+    ("none", "none", "auto", "none", "float32", "float32"),
+    ("fp8", "fp8-weight-only", "auto", "fp8 weight-only", "e4m3 per channel", "float32"),  # fp8 on the CPU
+    ("fp8-weight-only", "fp8-weight-only", "auto", "fp8 weight-only", "e4m3 per channel", "float32"),
+    ("fp8-weight-only-g64", "fp8-weight-only-g64", "auto", "fp8 weight-only", "e4m3 per 1x64", "float32"),
+    ("fp8-w8a8", "fp8-w8a8", "auto", "fp8 W8A8", "e4m3 per channel", "e4m3 per token"),
+    ("fp8-w8a8-mx", "fp8-w8a8-mx", "auto", "fp8 W8A8", "e4m3 per 1x32 (E8M0 scales, MXFP8)",
+     "e4m3 per 1x32 (power-of-two scales)"),
+    ("fp8-tensor", "fp8-tensor", "fp8", "fp8 W8A8", "e4m3 per tensor", "e4m3 per tensor"),
+    ("fp8-block", "fp8-block", "auto", "fp8 W8A8", "e4m3 per block", "e4m3 per group"),
 ])
-def test_model_card_reports_the_scheme_that_runs(tmp_path, quantization, kv, label, weights, activations):
+def test_model_card_reports_the_scheme_that_runs(tmp_path, quantization, runs, kv, label, weights, activations):
     engine = tiny_engine(tmp_path / "ckpt", quantization=quantization, kv_cache_dtype=kv,
                          quantization_ignore=("lm_head",))
     scheme = served_scheme(engine)
     layers = 2 * 4  # 2 decoder layers x qkv, o, gate_up, down
-    expected_layers = {"none": layers + 1} if quantization == "none" else {quantization: layers, "none": 1}
-    assert scheme == {"label": label, "scheme": quantization, "weights": weights, "activations": activations,
+    expected_layers = {"none": layers + 1} if quantization == "none" else {runs: layers, "none": 1}
+    assert scheme == {"label": label, "scheme": runs, "weights": weights, "activations": activations,
                       "linear_layers": expected_layers, "requested": quantization, "dtype": "float32",
                       "kv_cache_dtype": "float8_e4m3fn" if kv == "fp8" else "float32"}
     with ServerThread(build_app(engine, served_model_name="tiny")) as server:

@@ -180,8 +180,10 @@ inline void finish_row(const Gemm& g, int64_t m, int64_t n0, int64_t count, cons
     for (; i < len; ++i) sums[i] = st[c0 + i].reduce();
     i = 0;
 #if FP8T_ISA != 0
-    // eight outputs at a time where the scales are a vector (the same multiplies and add per output)
-    const bool ws_vec = g.ws.kind == S_NONE || g.ws.kind == S_TENSOR || (g.ws.kind == S_ROW && g.ws.stride == 1);
+    // eight outputs at a time where the scales are a vector (the same multiplies and add per output;
+    // folded weight groups are already in the sums: no weight scale here, as in the loop below)
+    const bool ws_vec = g.ws.kind == S_NONE || g.ws.kind == S_TENSOR || (g.ws.kind == S_ROW && g.ws.stride == 1) ||
+                        g.fold_w;
     if (g.out_f32 && (g.scales_along_k || ws_vec)) {
       for (; i + 8 <= len; i += 8) {
         const int64_t n = n0 + c0 + i;
