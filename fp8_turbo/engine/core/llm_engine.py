@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -127,6 +128,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix-cache hits excluded)
         self.num_steps = 0  # forward passes run by step()
+        # Called by step() right before the model computes (once the batch is scheduled): the asyncio
+        # engine hands the previous step's outputs to their streams there, so they are written while
+        # this step computes instead of holding the GIL before it.
+        self.on_forward: Callable[[], None] | None = None
         # Both capacities, so the effect of an FP8 cache is visible at start-up.
         self.kv_capacity_by_dtype = {
             str(dt).removeprefix("torch."): budget // kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, dt)
@@ -308,6 +313,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.on_forward is not None:
+            self.on_forward()
         step_logits = self.runner.run(batch.scheduled)
         self.num_steps += 1
         self.num_computed_tokens_total += batch.num_tokens
