@@ -173,11 +173,13 @@ def test_bad_step_raises_before_any_work(checkpoints):
 
 
 def test_buffers_taken_at_start(checkpoints):
-    """The engine reserves the step's buffers for its token budget and context at start-up, so a step of
-    the whole budget (a chunked prompt) takes no more memory later."""
+    """A server's start-up check reserves the step's buffers for the token budget and context, so a step
+    of the whole budget (a chunked prompt) takes no more memory later."""
     llm = LLM(str(checkpoints["llama31"]), quantization="fp8", device="cpu", kv_cache_memory_bytes=8 << 20,
               block_size=BLOCK, max_num_batched_tokens=48)
     engine = llm.engine
+    assert engine.step_workspace_bytes == 0  # the library grows them with its steps
+    engine.self_test()
     step = native_module.native_step(engine.model, torch.tensor([5], dtype=torch.int64))
     rows, keys, threads, nbytes = held = step.step.workspace()
     assert rows == 48 and keys == engine.max_model_len and threads >= 1

@@ -24,6 +24,7 @@ import pytest
 from fp8_turbo.engine.core.engine_config import EngineConfig
 from fp8_turbo.engine.core.llm_engine import LLMEngine
 from fp8_turbo.engine.sampling import grammar_cache
+from fp8_turbo.engine.serving.lifecycle import check_engine
 from fp8_turbo.engine.serving.limits import ServerLimits
 from server_fixture import smollm2_available, start_server
 
@@ -193,6 +194,7 @@ def _unexpected(i: int, r: httpx.Response) -> str:
 def soak():
     engine = LLMEngine(EngineConfig(model="smollm2-135m-instruct", device="cpu", quantization="fp8",
                                     kv_cache_memory_bytes=128 << 20))
+    assert check_engine(engine)  # as `fp8-turbo serve` starts (its step buffers taken now)
     s = start_server(engine, served_model_name=MODEL, limits=ServerLimits(grammar_cache_bytes=CACHE_BYTES))
     yield s
     s.__exit__()
