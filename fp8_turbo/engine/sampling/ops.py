@@ -15,11 +15,15 @@ _DRAW_BLOCK = 256  # a draw over the whole vocabulary picks a block of this many
 
 
 def argmax_of_rows(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1) (the first index of each row's maximum) for x [N, V], 3x faster on CPU.
+    """x.argmax(dim=-1) (the first index of each row's maximum, a NaN counting as the maximum) for
+    x [N, V], 3-5x faster on CPU.
 
-    The first block of 256 that holds the maximum (amax is vectorised, argmax is not), then the
-    first maximum inside it.
+    An fp32 CPU tensor: numpy's argmax, one vectorised pass and one call (4 us for a 49,152-token row
+    against 18 us for the blocks below). Otherwise the first block of 256 that holds the maximum (amax
+    is vectorised, argmax is not), then the first maximum inside it.
     """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        return torch.from_numpy(x.numpy().argmax(axis=-1))
     num_rows, width = x.shape
     if width % 256 or width < 4096:
         return x.argmax(dim=-1)

@@ -274,10 +274,13 @@ class Sampler:
         if any(_has_penalty(row.params) for row in rows):
             apply_penalties(logits, rows)
 
-        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
         # 4: greedy.
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
-        if greedy:
+        if len(greedy) == len(rows):
+            token_ids = argmax_of_rows(logits)
+        else:
+            token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
+        if greedy and len(greedy) < len(rows):
             token_ids[_index(greedy, device)] = argmax_of_rows(_rows(logits, greedy))
         # 5-7: the rest.
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
