@@ -40,8 +40,11 @@ def machine_name() -> str:
 
     from fp8_turbo.kernels import cpu
 
-    kernels = f"our CPU kernels ({cpu.ISAS[cpu.selected_isa()]})" if cpu.available() else "torch reference"
-    return f"{machine()}, {kernels}; shared machine"
+    if not cpu.available():
+        return f"{machine()}, torch reference; shared machine"
+    return f"{machine()}, our CPU kernels ({cpu.supported_isas()[cpu.selected_isa()]}); shared machine"
+
+
 # Every non-empty combination of the methods, in their canonical order.
 COMBINATIONS = [tuple(m for i, m in enumerate(METHODS) if mask >> i & 1) for mask in range(1, 1 << len(METHODS))]
 BUDGET_OVER_DEFAULT = 0.05  # the goal: at most 5% more linear-weight bytes than today's default
