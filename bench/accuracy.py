@@ -65,7 +65,8 @@ def configs(sweep: list[dict] | None, best: tuple[str, ...]) -> list[EvalConfig]
     # data-free scale search (no calibration text): what the default could do at load time
     out += [EvalConfig(f"{s} mse", s, DEFAULT_IGNORE, ("mse",)) for s in ("fp8-weight-only", "fp8-weight-only-g32",
                                                                           "fp8-w8a8")]
-    out += [EvalConfig("fp8-w8a8 search+gptq", "fp8-w8a8", DEFAULT_IGNORE, ("search", "gptq"), sequential=False)]
+    out += [EvalConfig("fp8-w8a8 search+gptq", "fp8-w8a8", DEFAULT_IGNORE, ("search", "gptq"), sequential=False,
+                       damp=0.01)]
     for m in (("search",), ("gptq",), ("search", "gptq")):
         for damp in (0.01, 0.1):
             out.append(EvalConfig(f"fp8-weight-only {method_label(m)}{'' if m == ('search',) else f' damp {damp}'}",

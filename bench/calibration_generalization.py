@@ -7,7 +7,7 @@ rounding, both) choose W_q to lower that error for H of the calibration text. Th
 the calibration text (at two token budgets) and for each held-out corpus from the unquantized model
 (engine.lab.calibration.collect_all), quantizes every decoder Linear the default ignore list quantizes
 with each method and setting (weight-only: activations are not quantized here, so the numbers isolate
-the weight error the methods act on), and reports each method's output error relative to plain amax
+the weight error the methods act on), and the data-free `mse` scale search (no text) beside them, and reports each method's output error relative to plain amax
 rounding, per token, on each corpus: < 1 means better than amax. A method that fits its calibration
 text is well below 1 there and near or above 1 on the held-out corpora.
 
@@ -48,7 +48,7 @@ def machine_name() -> str:
 
     from fp8_turbo.kernels import cpu
 
-    kernels = f"our CPU kernels ({cpu.ISAS[cpu.selected_isa()]})" if cpu.available() else "torch reference"
+    kernels = f"our CPU kernels ({cpu.supported_isas()[cpu.selected_isa()]})" if cpu.available() else "torch reference"
     return f"{machine()}, {kernels}; shared machine"
 NO_CLIP = tuple(r for r in DEFAULT_RATIOS if r >= 1.0)
 SCALES = {"amax": None, "search": DEFAULT_RATIOS, "search, no clipping": NO_CLIP}  # name -> search ratios
@@ -120,6 +120,8 @@ def main() -> int:
 
         amax = full_scale(None, None)
         score("amax", w - round_to_e4m3(w / amax) * amax)
+        mse = full_scale(DEFAULT_RATIOS, None)  # data-free: the weight's own squared error (H = I)
+        score("mse (no calibration)", w - round_to_e4m3(w / mse) * mse)
         for b in budgets:
             h = stats[f"{CALIBRATION_CORPUS} ({b})"][m.name].hessian
             for sname, ratios in SCALES.items():

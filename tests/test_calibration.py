@@ -287,10 +287,17 @@ def test_transformers_reads_calibrated_checkpoint(models, tmp_path):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             assert torch.equal(params[f"{p}.{norm}.weight"], getattr(llm.engine.model.layers[i], norm).weight), p
     # compressed-tensors runs the checkpoint's dynamic per-token FP8 activations too (fake-quant in fp32):
-    # the same numerics as ours up to fp32 summation order; 1e-3 leaves room for an activation that
-    # lands on the other side of an e4m3 rounding boundary (a one-ulp flip, 1/16 of one element).
+    # the same numerics as ours up to fp32 summation order (~1e-7 here), except where an activation lands
+    # on the other side of an e4m3 rounding boundary: that element moves by one e4m3 step (1/8 of its
+    # value at most), a rare event that shows at single positions (measured: 5 of 128 positions at
+    # 1.5e-4..2.2e-3 of the 0.71 logit range, GPTQ damping 0.1; none beyond 1e-3 at damping 0.01). So:
+    # most positions agree to summation order, and the rest stay within one such step of one element.
     mine = sequence_logits(llm, ids)
-    assert (mine - theirs).abs().max() <= 1e-3 * theirs.abs().max(), (mine - theirs).abs().max()
+    scale = theirs.abs().max()
+    per_position = (mine - theirs).abs().amax(-1)
+    exact = per_position <= 1e-4 * scale
+    assert exact.float().mean() >= 0.9, per_position
+    assert per_position.max() <= 1e-2 * scale, per_position
 
 
 def test_evaluate_scores_a_calibrated_config_on_heldout_windows(models):

@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from fp8_turbo.engine.lab.corpora import CALIBRATION_CORPUS, SCORING_CORPUS, corpus_text, corpus_windows, named_text
+from fp8_turbo.engine.lab.gptq import DEFAULT_DAMP
 from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, Linear, QuantConfig
 from fp8_turbo.engine.model.schemes import resolve_scheme
 
@@ -57,7 +58,7 @@ class EvalConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     methods: tuple[str, ...] = ()
     sequential: bool = True  # see engine.lab.recipe.Recipe; False shares one statistics pass
-    damp: float = 0.01  # GPTQ damping (engine.lab.recipe.Recipe)
+    damp: float = DEFAULT_DAMP  # GPTQ damping (engine.lab.recipe.Recipe)
 
     @property
     def needs_data(self) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from fp8_turbo.engine.checkpoints.source import DEFAULT_MODEL
 from fp8_turbo.engine.lab.accuracy import DEFAULT_SCHEMES
 from fp8_turbo.engine.lab.corpora import HELDOUT_CORPORA
-from fp8_turbo.engine.lab.recipe import DEFAULT_METHODS, METHODS, method_label, parse_methods
+from fp8_turbo.engine.lab.recipe import DEFAULT_CALIBRATION_TOKENS, DEFAULT_METHODS, METHODS, method_label, parse_methods
 from fp8_turbo.engine.model.linear import DEFAULT_IGNORE, QUANT_SCHEMES
 
 
@@ -165,11 +165,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore", default=None, help="comma-separated module patterns kept in high precision "
                                                   "(lm_head always is)")
     p.add_argument("--method", type=_method, default=None,
-                   help=f"calibration methods: {methods_help}; default {method_label(DEFAULT_METHODS)} (the best "
-                        f"measured in bench/ACCURACY.md); 'none' writes amax scales without calibration text")
+                   help=f"calibration methods: {methods_help}; default {method_label(DEFAULT_METHODS)}: the best "
+                        "measured on held-out text of other domains (bench/ACCURACY.md, Calibration: gptq fits its "
+                        "calibration text, search barely does); 'none' writes amax scales without calibration text")
     p.add_argument("--calibrate", default=None, metavar="FILE",
                    help="calibration text file (default: Python's pydoc_data.topics)")
-    p.add_argument("--calibration-tokens", type=int, default=4096)
+    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+                   help=f"calibration tokens (default {DEFAULT_CALIBRATION_TOKENS}: fewer over-fit gptq's Hessians)")
     p.add_argument("--window", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--budget-pct", type=float, default=None,
                    help="keep in bf16 the layers a sensitivity sweep on the calibration text ranks highest, for "
