@@ -125,7 +125,7 @@ def worker_llama_cpp(kind: str, gguf: str, ids: list[int], new_tokens: int, runs
 
 def run_worker(spec: str, args, peers: peer_tools.Peers | None) -> dict | None:
     """Run one engine in a child process (its own peak RSS); None when the peer is missing."""
-    python, extra = sys.executable, []
+    python, extra, env = sys.executable, [], dict(os.environ)
     if spec.startswith("llama_cpp:"):
         kind = spec.partition(":")[2]
         if peers is None or peers.python is None:
@@ -138,8 +138,9 @@ def run_worker(spec: str, args, peers: peer_tools.Peers | None) -> dict | None:
             print(f"  {spec}: skipped (no {peer_tools.Q8_0} in {peers.root})", file=sys.stderr)
             return None
         python, extra = str(peers.python), ["--gguf", str(gguf), "--prompt-ids", ",".join(map(str, prompt_ids()))]
+        env = peers.env()  # the peers' own llama.cpp libraries (llama-cpp-python's bundled ones may not run here)
     cmd = [python, __file__, "--worker", spec, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         print(f"  {spec}: skipped ({tail[0]})", file=sys.stderr)
