@@ -361,10 +361,14 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
 
 
 def test_non_stream_disconnect_aborts(server):
+    """A client that stops waiting for a non-streamed answer aborts it (16 x 480 tokens: far more work
+    than the 0.2 s the client waits, however fast the engine got)."""
+    before = server.metrics().get("fp8_turbo_requests_aborted_total", 0)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/chat/completions", json=chat(max_tokens=480, ignore_eos=True), timeout=0.3)
+        httpx.post(f"{server.url}/v1/chat/completions", json=chat(max_tokens=480, n=16, ignore_eos=True), timeout=0.2)
     m = server.wait_idle()
     assert m["fp8_turbo_kv_cache_used_blocks"] == 0 and m["fp8_turbo_num_requests_running"] == 0
+    assert m["fp8_turbo_requests_aborted_total"] == before + 1
 
 
 # ---- SmolLM2: tool calls and real text ----------------------------------------------------------------------
