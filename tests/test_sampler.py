@@ -491,3 +491,24 @@ def test_frequency_penalty_reduces_repeated_tokens(smollm2):
 
     plain, penalised = repeats(0.0), repeats(2.0)
     assert penalised < plain * 0.75, (plain, penalised)  # measured: 19 -> 10 of 64
+
+
+def test_logprobs_of_a_row_do_not_depend_on_the_batch_or_threads():
+    """A row's logprob bits are the same alone, in a batch of 4 and at 1 or 2 threads (torch's CPU
+    logsumexp splits a lone row across threads, which changed its last bit at 2 threads)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 49152, generator=g) * 4
+    ids = x.argmax(-1)
+    saved = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(compute_logprobs(x, ids, 2))
+            alone = [compute_logprobs(x[i:i + 1], ids[i:i + 1], 2) for i in range(4)]
+            for j in (0, 3):  # the token's logprob and the top logprobs
+                assert torch.equal(got[-1][j], torch.cat([a[j] for a in alone])), (threads, j)
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[1]))
+    assert torch.allclose(got[0][0], (x.log_softmax(-1).gather(1, ids[:, None])).squeeze(1), atol=1e-5)

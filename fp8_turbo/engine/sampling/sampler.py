@@ -101,6 +101,28 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # per row; None where params.logprobs is None
 
 
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of fp32 `logits` [B, V] -> [B, 1], a row's value independent of the other
+    rows and of the thread count. On the CPU each row is reduced on its own in one order (numpy's
+    pairwise sum, one thread): torch's CPU logsumexp splits a row across threads when the batch is
+    small, so with 2 threads a row's logprob changed in its last bit between a batch of 1 and of 4
+    (and speculative verification, which computes several positions of a sequence at once, then
+    differed from decoding them one by one)."""
+    if logits.device.type != "cpu":
+        return logits.logsumexp(dim=-1, keepdim=True)
+    x = logits.detach().contiguous().numpy()
+    m = x.max(axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, np.float32(0.0))  # a row of -inf (or +inf) keeps torch's answer below
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        z = np.log(np.exp(x - m).sum(axis=1, keepdims=True)) + m
+    out = torch.from_numpy(z)
+    bad = ~np.isfinite(x.max(axis=1))  # -inf / +inf / nan rows: torch's conventions
+    if bad.any():
+        rows = torch.from_numpy(np.nonzero(bad)[0])
+        out[rows] = logits[rows].logsumexp(dim=-1, keepdim=True)
+    return out
+
+
 def compute_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,7 +132,7 @@ def compute_logprobs(
     top_logprobs [B, num_top]). Also used by the engine for prompt_logprobs.
     """
     logits = logits.float()
-    log_z = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    log_z = row_logsumexp(logits)  # [B, 1]
     token_logits = logits.gather(1, token_ids.view(-1, 1))  # [B, 1]
     # The rank is decided on the logits themselves (log_softmax only shifts a row): 1 + the number
     # of larger ones. A token among a row's best _RANK_WINDOW has all of those before it in the list.
