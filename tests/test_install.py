@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,7 +54,12 @@ def files_under(path: Path) -> set[Path]:
 def venv(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("install")
     isolation = [] if run([sys.executable, "-c", "import setuptools"]).returncode else ["--no-build-isolation"]
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp / "dist"), str(ROOT)])
+    # Built from a private copy of the tree: setuptools writes build/ and *.egg-info beside the sources, and a
+    # build in the checkout itself failed once mid-copy while the rest of the suite ran ([Errno 2]).
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                             ".pytest_cache", "out"))
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp / "dist"), str(src)])
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("fp8_turbo-*.whl")
     run([sys.executable, "-m", "venv", str(tmp / "venv")]).check_returncode()
