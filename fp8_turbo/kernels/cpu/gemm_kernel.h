@@ -274,6 +274,21 @@ FP8T_INLINE void fold_group_scale(const Gemm& g, int64_t n, int64_t k, V8& lo, V
   lo = fma(lo, s, V8::zero()), hi = fma(hi, s, V8::zero());
 }
 
+// Weights k .. k + 15 of row n (`src`) as a panel packer stores them: decoded, zero past K, group scale
+// folded where the layout asks for it.
+template <int WT>
+FP8T_INLINE void panel_w16(const Gemm& g, const char* src, int64_t n, int64_t k, V8& lo, V8& hi) {
+  constexpr int64_t es = elem_size<WT>();
+  if (k + 16 <= g.K) {
+    load_w16<WT>(src, k, lo, hi);
+  } else {
+    alignas(64) unsigned char buf[64] = {};
+    std::memcpy(buf, src + k * es, (g.K - k) * es);
+    load_w16<WT>(buf, 0, lo, hi);
+  }
+  if (g.fold_w) fold_group_scale(g, n, k, lo, hi);
+}
+
 // One MR x NR register tile over one K block of a panel: its state comes from `state` (zero on the
 // first K block) and goes back there.
 template <int MR, int NR>
@@ -314,14 +329,7 @@ void gemm_panel(const Gemm& g, int64_t n_begin, int64_t n_end, float* panel, V8*
         for (int64_t k = 0; k < klen; k += 16) {
           const int64_t gk = kc0 + k;
           V8 lo, hi;
-          if (gk + 16 <= g.K) {
-            load_w16<WT>(src, gk, lo, hi);
-          } else {
-            alignas(64) unsigned char buf[64] = {};
-            std::memcpy(buf, src + gk * es, (g.K - gk) * es);
-            load_w16<WT>(buf, 0, lo, hi);
-          }
-          if (g.fold_w) fold_group_scale(g, nb + r, gk, lo, hi);
+          panel_w16<WT>(g, src, nb + r, gk, lo, hi);
           lo.store(dst + k), hi.store(dst + k + 8);
         }
       }
@@ -435,14 +443,7 @@ void gemm_panel_pairs(const Gemm& g, int64_t n_begin, int64_t n_end, float* pane
         for (int64_t k = 0; k < klen; k += 16) {
           const int64_t gk = kc0 + k;
           V8 lo, hi;
-          if (gk + 16 <= g.K) {
-            load_w16<WT>(src, gk, lo, hi);
-          } else {
-            alignas(64) unsigned char buf[64] = {};
-            std::memcpy(buf, src + gk * es, (g.K - gk) * es);
-            load_w16<WT>(buf, 0, lo, hi);
-          }
-          if (g.fold_w) fold_group_scale(g, nb + r, gk, lo, hi);
+          panel_w16<WT>(g, src, nb + r, gk, lo, hi);
           lo.store(dst + 2 * k), hi.store(dst + 2 * k + 16);
         }
       }
